@@ -1,0 +1,61 @@
+"""Fields shared by every experiment config; each ``configs/*.py`` starts from ``base_config()``.
+
+Field reference (the platform validates these before any compilation):
+
+* ``seed``: int, the root of every random stream (init, data order, noise).
+* ``data``: ``name`` (TFDS name such as ``mnist``/``cifar10``/``celeb_a``/
+  ``downsampled_imagenet/32x32``, or ``digits`` (scikit-learn, offline), ``folder``, ``npz``),
+  ``data_dir`` (TFDS data_dir, or the folder / npz path for local sources), ``download`` (False
+  unless asked), ``train_split``/``eval_split``, ``image_size`` (final H = W; 0 keeps the
+  native size), ``channels``, ``pad`` (pixels of zero padding per side, e.g. 2 for 28 -> 32),
+  ``num_bits`` (8 or 5; the quantisation of the data), ``binarize`` (``'none'``,
+  ``'dynamic'`` Bernoulli(pixel) resampled every pass, ``'threshold'``), ``random_flip``,
+  ``batch_size`` (global), ``eval_batch_size``.
+* ``model``: ``name`` (``conv_vae``, ``nvae``, ``glow``) plus family-specific fields.
+* ``optim``: ``name`` (``adam``, ``adamax``, ``adamw``), ``lr``, ``min_lr``, ``warmup_steps``,
+  ``schedule`` (``cosine`` or ``constant``), ``b1``, ``b2``, ``eps``, ``weight_decay``,
+  ``weight_decay_mode`` (``coupled`` L2 added to the gradient as NVAE does, or ``decoupled``),
+  ``grad_clip`` (global norm, 0 = off), ``skip_threshold`` (skip updates whose gradient norm
+  exceeds it, 0 = only non-finite), ``max_consecutive_skips``.
+* ``train``: ``num_steps``, ``log_every``, ``eval_every``, ``num_eval_batches``,
+  ``checkpoint_every``, ``keep_checkpoints``, ``async_checkpoints``, ``images_every``,
+  ``num_images``.
+* ``precision``: ``compute_dtype`` (``float32`` or ``bfloat16``); parameters are always float32.
+* ``remat``: ``policy`` (``none`` or a ``jax.checkpoint_policies`` name such as
+  ``nothing_saveable`` / ``dots_saveable``).
+* ``mesh``: ``data`` (devices on the data axis, -1 = all), ``fsdp`` (1 = replicated parameters).
+* ``eval``: ``split``, ``num_importance_samples``, ``importance_chunk``.
+* ``sample``: ``num``, ``temperature``.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      name='mnist', data_dir='', download=False, train_split='train', eval_split='test',
+      image_size=0, channels=1, pad=0, num_bits=8, binarize='none', random_flip=False,
+      batch_size=32, eval_batch_size=64))
+
+  c.model = ml_collections.ConfigDict(dict(name='conv_vae'))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name='adam', lr=1e-3, min_lr=0.0, warmup_steps=0, schedule='constant', b1=0.9,
+      b2=0.999, eps=1e-8, weight_decay=0.0, weight_decay_mode='decoupled', grad_clip=0.0,
+      skip_threshold=0.0, max_consecutive_skips=20))
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=1000, log_every=50, eval_every=500, num_eval_batches=10,
+      checkpoint_every=500, keep_checkpoints=2, async_checkpoints=True, images_every=500,
+      num_images=64))
+
+  c.precision = ml_collections.ConfigDict(dict(compute_dtype='float32'))
+  c.remat = ml_collections.ConfigDict(dict(policy='none'))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.eval = ml_collections.ConfigDict(dict(split='test', num_importance_samples=1,
+                                          importance_chunk=1))
+  c.sample = ml_collections.ConfigDict(dict(num=64, temperature=1.0))
+  return c
