@@ -1,0 +1,56 @@
+r"""NVAE on CelebA 64x64, 8-bit (Vahdat & Kautz 2020, nvae_spec.md §3).
+
+Published result: 2.03 bits/dim on the validation split (paper Table 1 [memory: not verified
+against the PDF]).
+Original budget: 8x V100-16GB, about 92 hours (90 epochs of 1271 iterations at batch 8 x 16).
+
+Architecture: 64 channels, 1 pre-process block x 2 cells, 1 post-process block x 2 cells,
+3 latent scales with ada groups [20, 10, 5] (35 groups: 5 x 8x8, 10 x 16x16, 20 x 32x32),
+1 flow per group, SE cells, residual posterior, 10-component discretized logistic mixture.
+Schedule: global batch 128, 114,390 steps (90 epochs x 1271), 6,355 warm-up steps (5 epochs),
+Adamax lr 1e-2 -> 1e-4 cosine, eps 1e-3, coupled weight decay 3e-4, lambda 1e-1 (no anneal).
+Issue #2: with smaller batches, lr 1e-2 NaNs; use 5e-3 or 1e-3 (``--config.optim.lr``).
+
+Data: the original crops the box (left 15, top 40, right 163, bottom 188) = 148x148 from the
+178x218 aligned images, then resizes to 64 bilinearly. ``data.image_size=64`` here does the data
+package's center-crop + resize, whose crop is 5 rows higher (rows 35..183); see the report.
+Validation split: CelebA "validation" (19,867 images).
+
+Original launch command (README):
+
+  python train.py --data $DATA_DIR/celeba64_lmdb --root $CHECKPOINT_DIR --save $EXPR_ID --dataset celeba_64 \
+    --num_channels_enc 64 --num_channels_dec 64 --epochs 90 --num_postprocess_cells 2 --num_preprocess_cells 2 \
+    --num_latent_scales 3 --num_latent_per_group 20 --num_cell_per_cond_enc 2 --num_cell_per_cond_dec 2 \
+    --num_preprocess_blocks 1 --num_postprocess_blocks 1 --weight_decay_norm 1e-1 --num_groups_per_scale 20 \
+    --batch_size 16 --num_nf 1 --ada_groups --num_process_per_node 8 --use_se --res_dist --fast_adamax
+
+nvae_jax (8 GPUs):
+
+  python -m nvae_jax.main --config=configs/nvae_celeba64.py --workdir=$WORKDIR \
+    --config.data.data_dir=$TFDS_DIR
+
+``:small`` trains on 2 CPU cores: 16 channels, 1 pre/post block x 1 cell, 2 scales of 2 groups
+(ada [2, 1]), 1 flow per group, batch 8, 3000 steps, float32.
+"""
+
+from configs import nvae_base
+
+
+def get_config(arg=None):
+  c = nvae_base.published(
+      dataset='celeba64', channels=64, pre=(1, 2), post=(1, 2), scales=3, groups=20, ada=True,
+      min_groups=1, num_nf=1, batch_per_gpu=16, gpus=8, epochs=90, warmup_epochs=5, lr=1e-2,
+      wdn=1e-1, wdn_anneal=False, compute_dtype='bfloat16')
+  c.data.name = 'celeb_a'
+  c.data.channels = 3
+  c.data.image_size = 64
+  c.data.num_bits = 8
+  c.data.random_flip = True
+  c.data.eval_split = 'validation'
+  c.eval.split = 'validation'
+  if arg == 'small':
+    nvae_base.small_model(c, channels=16, pre=(1, 1), post=(1, 1), scales=2, groups=2,
+                          batch=8, steps=3000)
+  elif arg not in (None, ''):
+    raise ValueError(f'configs/nvae_celeba64.py: unknown variant {arg!r}; expected "" or "small"')
+  return c
