@@ -1,0 +1,137 @@
+"""The published NVAE configs against the original's numbers (nvae_spec.md §1.10, §3).
+
+* the schedule arithmetic against the spec table's iterations (epochs x iters/epoch);
+* the official ``state_dict`` listings: parameter counts against the spec's table;
+* every published config through ``jax.eval_shape`` of the task's init (no compilation): its
+  ``'params'`` size equals the count of the official listing, and the core name mapping places
+  every official key (zero state_dict built from the listed shapes).
+"""
+
+import importlib
+import math
+import os
+import sys
+
+import pytest
+
+# configs/ is not part of the installed package; tests import it from the project root.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from configs import nvae_base  # noqa: E402  pylint: disable=wrong-import-position
+from conftest import SHARED
+from nvae_jax.convert import official_keys as ok
+
+KEYS_DIR = os.path.join(SHARED, 'fixtures', 'nvae_reference', 'official_keys')
+
+# nvae_spec.md §3: (global batch, iterations per epoch, total iterations, warm-up epochs, lr,
+# lambda, lambda anneal, bits, channels, scales, groups, num_nf).
+SPEC = {
+    'mnist': (400, 150, 60_000, 5, 1e-2, 1e-2, False, 8, 32, 2, 10, 0),
+    'cifar10': (256, 195, 78_000, 5, 1e-2, 1e-2, False, 8, 128, 1, 30, 1),
+    'celeba64': (128, 1271, 114_390, 5, 1e-2, 1e-1, False, 8, 64, 3, 20, 1),
+    'imagenet32': (576, 2224, 100_080, 1, 1e-2, 1e-2, True, 8, 192, 1, 28, 1),
+    'celebahq256': (96, 281, 84_300, 5, 1e-2, 1e-2, True, 5, 30, 5, 16, 2),
+    'ffhq256': (96, 656, 131_200, 5, 8e-3, 1e-1, True, 5, 30, 5, 16, 2),
+}
+
+
+@pytest.mark.parametrize('name', sorted(SPEC))
+def test_published_hyperparameters(name):
+  batch, spe, total, warm_ep, lr, wdn, anneal, bits, ch, scales, groups, nf = SPEC[name]
+  c = ok.load_published_config(name)
+  assert c.data.batch_size == batch
+  assert c.train.num_steps == total
+  assert c.model.total_steps == total  # the KL warm-up horizon follows num_steps
+  assert c.optim.warmup_steps == warm_ep * spe
+  assert c.optim.lr == lr and c.optim.min_lr == 1e-4
+  assert (c.optim.name, c.optim.eps, c.optim.weight_decay, c.optim.weight_decay_mode) == (
+      'adamax', 1e-3, 3e-4, 'coupled')
+  assert c.optim.schedule == 'cosine'
+  assert c.model.weight_decay_norm == wdn and c.model.weight_decay_norm_anneal == anneal
+  if anneal:
+    assert c.model.weight_decay_norm_init == 1.0
+  assert c.data.num_bits == bits
+  assert c.model.num_channels_enc == c.model.num_channels_dec == ch
+  assert (c.model.num_latent_scales, c.model.num_groups_per_scale, c.model.num_nf) == (
+      scales, groups, nf)
+  assert c.model.num_latent_per_group == 20
+  assert c.model.use_se and c.model.res_dist
+  assert c.precision.compute_dtype == 'bfloat16'
+
+
+def test_override_moves_kl_horizon():
+  c = importlib.import_module('configs.nvae_cifar10').get_config()
+  c.train.num_steps = 123
+  assert c.model.total_steps == 123
+
+
+def test_variants_and_bad_arg():
+  c = importlib.import_module('configs.nvae_ffhq256').get_config('24ch')
+  assert c.model.num_channels_enc == 24 and c.data.batch_size == 48
+  assert c.train.num_steps == 200 * (63_000 // 48)
+  for mod in ('nvae_mnist', 'nvae_cifar10', 'nvae_celeba64', 'nvae_imagenet32',
+              'nvae_celebahq256', 'nvae_ffhq256'):
+    m = importlib.import_module(f'configs.{mod}')
+    small = m.get_config('small')
+    assert small.model.num_channels_enc <= 16 and small.model.num_latent_scales <= 2
+    assert small.precision.compute_dtype == 'float32'
+    with pytest.raises(ValueError, match='unknown variant'):
+      m.get_config('huge')
+
+
+@pytest.mark.parametrize('name', sorted(ok.PUBLISHED))
+def test_official_listing_counts(name):
+  file, _, _, expected = ok.PUBLISHED[name]
+  keys = ok.parse_keys(os.path.join(KEYS_DIR, file))
+  # The listing's own arithmetic, checked independently of parameter_keys().
+  total = sum(math.prod(k.shape) for k in keys
+              if not k.name.endswith(('running_mean', 'running_var', 'num_batches_tracked',
+                                      'weight_normalized')))
+  assert ok.count_parameters(keys) == total == expected
+
+
+def test_parse_errors(tmp_path):
+  bad = tmp_path / 'bad.txt'
+  bad.write_text('stem.weight\t(32, 1, 3)\n')
+  with pytest.raises(ValueError, match='3 tab-separated fields'):
+    ok.parse_keys(bad)
+  bad.write_text('stem.weight\t[32, 1]\ttorch.float32\n')
+  with pytest.raises(ValueError, match='expected a shape'):
+    ok.parse_keys(bad)
+
+
+@pytest.fixture(scope='module')
+def abstract():
+  """Abstract variables of every published architecture (FFHQ shares CelebA-HQ's)."""
+  pytest.importorskip('nvae_jax.models.nvae')
+  return {name: ok.abstract_variables(ok.load_published_config(name))
+          for name in ok.PUBLISHED if name != 'ffhq256'}
+
+
+@pytest.mark.parametrize('name', [n for n in sorted(ok.PUBLISHED) if n != 'ffhq256'])
+def test_describe_matches_official_count(abstract, name):
+  file, _, _, expected = ok.PUBLISHED[name]
+  assert ok.count_flax_params(abstract[name]) == expected
+
+
+@pytest.mark.parametrize('name', [n for n in sorted(ok.PUBLISHED) if n != 'ffhq256'])
+def test_every_official_key_is_placed(abstract, name):
+  keys = ok.parse_keys(os.path.join(KEYS_DIR, ok.PUBLISHED[name][0]))
+  res = ok.check_placement(keys, ok.load_published_config(name), abstract[name])
+  assert res['unplaced'] == []
+  assert res['unfilled'] == []
+  # What was dropped is exactly the aliases and the BN step counters.
+  assert res['dropped'] == sorted(k.name for k in keys if ok.is_alias(k.name)
+                                  or k.name.endswith('num_batches_tracked'))
+
+
+def test_ffhq_architecture_is_celebahq():
+  a = ok.load_published_config('ffhq256').model.to_dict()
+  b = ok.load_published_config('celebahq256').model.to_dict()
+  arch = [k for k in a if k.startswith('num_') or k in ('ada_groups', 'use_se', 'res_dist')]
+  assert {k: a[k] for k in arch} == {k: b[k] for k in arch}
+
+
+def test_steps_per_epoch_rejects_bad_batch():
+  with pytest.raises(ValueError, match='global_batch'):
+    nvae_base.steps_per_epoch(100, 0)
+
