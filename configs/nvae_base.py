@@ -98,11 +98,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.importance_chunk = 10
   c.sample.num = 16
   c.sample.temperature = 0.7
-  # BN statistics re-estimation before sampling (nvae_jax.nvae_sampling): number of train-mode
-  # prior passes (the original's 500), their batch size, and the momentum of the update.
-  c.sample.readjust_bn_steps = 500
-  c.sample.readjust_bn_batch = 16
-  c.sample.readjust_bn_momentum = 0.05
   return c
 
 
@@ -191,7 +186,6 @@ def small_model(c: ml_collections.ConfigDict, *, channels: int = 16, pre: tuple[
   c.train.num_eval_batches = 5
   c.precision.compute_dtype = 'float32'
   c.remat.policy = 'none'
-  c.sample.readjust_bn_steps = 50
   return c
 
 

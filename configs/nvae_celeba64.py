@@ -11,9 +11,8 @@ Schedule: global batch 128, 114,390 steps (90 epochs x 1271), 6,355 warm-up step
 Adamax lr 1e-2 -> 1e-4 cosine, eps 1e-3, coupled weight decay 3e-4, lambda 1e-1 (no anneal).
 Issue #2: with smaller batches, lr 1e-2 NaNs; use 5e-3 or 1e-3 (``--config.optim.lr``).
 
-Data: the original crops the box (left 15, top 40, right 163, bottom 188) = 148x148 from the
-178x218 aligned images, then resizes to 64 bilinearly. ``data.image_size=64`` here does the data
-package's center-crop + resize, whose crop is 5 rows higher (rows 35..183); see the report.
+Data: TFDS ``celeb_a``; as the original, the data package crops the box (left 15, top 40,
+right 163, bottom 188) = 148x148 from the 178x218 aligned images and resizes it to 64.
 Validation split: CelebA "validation" (19,867 images).
 
 Original launch command (README):
