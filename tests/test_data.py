@@ -396,6 +396,14 @@ def test_tfds_mock_mnist_pad_and_binarise():
     assert tr['image'].shape == (4, 32, 32, 1) and set(np.unique(tr['image'])) <= {0.0, 1.0}
 
 
+def test_threaded_reads_give_the_same_batches():
+  c = cfg(name='mnist', pad=2, batch_size=32, random_flip=True, binarize='dynamic')
+  with tfds.testing.mock_data(num_examples=40):
+    got = [next(make_pipeline(c, 'train', train=True, seed=0, process_index=0, process_count=1,
+                              num_workers=w))['image'] for w in (1, 2)]
+  np.testing.assert_array_equal(got[0], got[1])
+
+
 def test_tfds_mock_cifar10_and_resized_sources():
   with tfds.testing.mock_data(num_examples=8):
     c = cfg(name='cifar10', channels=3, batch_size=4, random_flip=True)

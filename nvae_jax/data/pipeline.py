@@ -13,10 +13,10 @@ batches of an 8-host run.
 * ``train=True``: an infinite stream of epochs.  Epoch ``e`` visits the split in the order
   ``perm_e = permutation(key(seed, SHUFFLE, e), n)`` (see :mod:`hashrng`); global batch ``s`` is
   ``perm_e[s G:(s + 1) G]`` for ``s < n // G`` (the remainder is dropped).  ``mask`` is all ones.
-* ``train=False``: one pass in split order: global batch ``s`` is examples ``[s G, (s + 1) G)`` for
-  ``s < ceil(n / G)``; rows past ``n`` are zeros with ``mask = 0``, so shapes stay static, every host
-  yields the same number of batches, and the ``mask = 1`` rows of all hosts together are every
-  example exactly once.  Then ``StopIteration`` (``reset()`` restarts).
+* ``train=False``: one pass in split order: global batch ``s`` is examples ``[s G, (s + 1) G)``
+  for ``s < ceil(n / G)``; rows past ``n`` are zeros with ``mask = 0``, so shapes stay static,
+  every host yields the same number of batches, and the ``mask = 1`` rows of all hosts together
+  are every example exactly once.  Then ``StopIteration`` (``reset()`` restarts).
 
 Randomness is a pure function of the example's index ``i`` in the split: a flip (``train`` and
 ``data.random_flip``) when ``uniform(key(seed, FLIP, e, i)) < 1/2``, and dynamic binarisation
@@ -35,7 +35,9 @@ Transforms (:mod:`transforms`), on uint8 then to float32: crop/resize the conten
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,7 @@ from nvae_jax.data import sources as sources_lib
 from nvae_jax.data import transforms
 
 BINARIZE_MODES = ('none', 'dynamic', 'threshold')
+_MIN_ROWS_PER_WORKER = 16  # smaller batches are read in the calling thread
 _STATE_FINGERPRINT = ('train', 'seed', 'split', 'split_size', 'global_batch_size')
 
 
@@ -96,7 +99,8 @@ def _geometry(native: tuple, data: Any, what: str) -> tuple[int, tuple[int, int,
     return content, (size, size, channels)
   if native[0] is None or native[1] is None:
     raise ValueError(f'data.image_size=0 keeps the native size, but {what} has images of varying '
-                     f'size {tuple(native)}; set data.image_size (e.g. --config.data.image_size=32)')
+                     f'size {tuple(native)}; set data.image_size '
+                     '(e.g. --config.data.image_size=32)')
   return 0, (native[0] + 2 * p, native[1] + 2 * p, channels)
 
 
@@ -124,7 +128,7 @@ class Pipeline:
   """
 
   def __init__(self, source: Any, data: Any, split: str, *, train: bool, seed: int,
-               process_index: int, process_count: int):
+               process_index: int, process_count: int, num_workers: int | None = None):
     _check_common(data)
     field = 'batch_size' if train else 'eval_batch_size'
     global_batch = _positive_int(data, field)
@@ -136,6 +140,7 @@ class Pipeline:
     self.train = bool(train)
     self.seed = int(seed)
     self.process_index, self.process_count = process_index, process_count
+    self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else int(num_workers)
     self.global_batch_size = global_batch
     self.batch_size = global_batch // process_count
     self._content, self.image_shape = _geometry(source.native_shape, data, source.description)
@@ -235,13 +240,24 @@ class Pipeline:
     mask[:len(idx)] = 1.0
     return {'image': out, 'mask': mask}
 
+  def _read_fit(self, idx: np.ndarray):
+    raw = self.source.read(idx)
+    if self._content:
+      raw = [transforms.fit(im, self._content, self.source.crop_box) for im in raw]
+    return raw
+
   def _load(self, idx: np.ndarray) -> np.ndarray:
     """uint8 ``[len(idx), H, W, C]`` after crop/resize and pad."""
     if len(idx) == 0:
       return np.zeros((0,) + self.image_shape, np.uint8)
-    raw = self.source.read(idx)
-    if self._content:
-      raw = [transforms.fit(im, self._content, self.source.crop_box) for im in raw]
+    workers = min(self.num_workers, len(idx) // _MIN_ROWS_PER_WORKER)
+    if workers > 1 and not isinstance(self.source, sources_lib.ArraySource):
+      # Decoding (PNG/JPEG) and PIL resizing release the GIL: threads scale with cores.
+      chunks = np.array_split(idx, workers)
+      with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        raw = [im for part in pool.map(self._read_fit, chunks) for im in part]
+    else:
+      raw = self._read_fit(idx)
     shapes = {tuple(im.shape) for im in raw}
     if len(shapes) > 1:
       raise ValueError(f'{self.source.description}: images of different shapes {sorted(shapes)} '
@@ -256,8 +272,8 @@ class Pipeline:
 
 
 def make_pipeline(data_config: Any, split: str, *, train: bool, seed: int,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> Pipeline:
+                  process_index: int | None = None, process_count: int | None = None,
+                  num_workers: int | None = None) -> Pipeline:
   """The pipeline over ``split`` of the source named by ``data_config.name``.
 
   Args:
@@ -268,12 +284,15 @@ def make_pipeline(data_config: Any, split: str, *, train: bool, seed: int,
     seed: root of the order, flips and binarisation; the same on every host.
     process_index, process_count: this host and the number of hosts; default (None) is
       ``jax.process_index()`` / ``jax.process_count()``, read at call time.
+    num_workers: threads that decode and resize a batch (default ``min(8, cpu_count)``; a batch
+      uses at most one per 16 rows).  The batches do not depend on it.
   """
   process_index, process_count = _resolve_processes(process_index, process_count)
   _check_common(data_config)
   source = sources_lib.open_source(data_config, split)
   return Pipeline(source, data_config, split, train=train, seed=seed,
-                  process_index=process_index, process_count=process_count)
+                  process_index=process_index, process_count=process_count,
+                  num_workers=num_workers)
 
 
 def make_pipeline_from_arrays(images_uint8: np.ndarray, data_config: Any, *, train: bool,

@@ -243,7 +243,8 @@ def _unknown_dataset(name: str) -> ValueError:
 
 
 def _not_prepared(name: str, split: str, data_dir: str, err: Exception) -> FileNotFoundError:
-  where = repr(data_dir) if data_dir else 'the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)'
+  where = (repr(data_dir) if data_dir
+           else 'the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)')
   return FileNotFoundError(
       f'TFDS dataset {name!r} (split {split!r}) is not prepared in data_dir {where} and '
       f'data.download is False ({type(err).__name__}: {err}). Prepare it in array_record format '
@@ -292,14 +293,24 @@ class TfdsSource:
     self.crop_box = CELEBA_CROP_BOX if base == 'celeb_a' else None
     self.native_shape = shape
     self.description = f'TFDS {name!r} split {split!r}'
+    self._batched_reads = hasattr(self.ds, '__getitems__')
 
   def __len__(self) -> int:
     return len(self.ds)
 
+  def _examples(self, indices: Sequence[int]) -> list[dict]:
+    keys = [int(i) for i in indices]
+    if self._batched_reads:
+      try:
+        return self.ds.__getitems__(keys)  # one array_record call: about 2x faster than ds[i]
+      except TypeError:  # tfds.testing.mock_data's source lacks the batched read
+        self._batched_reads = False
+    return [self.ds[i] for i in keys]
+
   def read(self, indices: Sequence[int]) -> list[np.ndarray]:
     out = []
-    for i in indices:
-      img = np.asarray(self.ds[int(i)]['image'])
+    for i, ex in zip(indices, self._examples(indices)):
+      img = np.asarray(ex['image'])
       if img.dtype != np.uint8 or img.ndim != 3:
         raise ValueError(f'{self.description} example {int(i)}: expected a uint8 [H, W, C] image, '
                          f'found {img.dtype} {img.shape}')

@@ -9,7 +9,8 @@ Order applied by the pipeline (geometry on uint8, values last):
 4. Values, one of
    * ``quantize``: ``x = floor(k / 2**(8 - b)) / (2**b - 1)`` for a uint8 intensity ``k`` and
      ``b = num_bits`` (8 bits: ``k / 255``), as NVAE's ``--num_x_bits``;
-   * ``binarize_dynamic``: ``x = 1[u < k / 255]`` with ``u ~ U[0, 1)``, i.e. ``x ~ Bernoulli(k / 255)``;
+   * ``binarize_dynamic``: ``x = 1[u < k / 255]`` with ``u ~ U[0, 1)``, i.e.
+     ``x ~ Bernoulli(k / 255)``;
    * ``binarize_threshold``: ``x = 1[k >= 128]`` (``k / 255 > 1/2``).
 
 Outputs are float32 in ``[0, 1]``.
