@@ -10,7 +10,8 @@ Field reference (the platform validates these before any compilation):
   native size), ``channels``, ``pad`` (pixels of zero padding per side, e.g. 2 for 28 -> 32),
   ``num_bits`` (8 or 5; the quantisation of the data), ``binarize`` (``'none'``,
   ``'dynamic'`` Bernoulli(pixel) resampled every pass, ``'threshold'``), ``random_flip``,
-  ``batch_size`` (global), ``eval_batch_size``.
+  ``batch_size`` (global), ``eval_batch_size``, ``npz_key`` (array name inside an ``.npz``
+  source; empty = ``images`` or the only uint8 4-D array).
 * ``model``: ``name`` (``conv_vae``, ``nvae``, ``glow``) plus family-specific fields.
 * ``optim``: ``name`` (``adam``, ``adamax``, ``adamw``), ``lr``, ``min_lr``, ``warmup_steps``,
   ``schedule`` (``cosine`` or ``constant``), ``b1``, ``b2``, ``eps``, ``weight_decay``,
@@ -38,7 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name='mnist', data_dir='', download=False, train_split='train', eval_split='test',
       image_size=0, channels=1, pad=0, num_bits=8, binarize='none', random_flip=False,
-      batch_size=32, eval_batch_size=64))
+      batch_size=32, eval_batch_size=64, npz_key=''))
 
   c.model = ml_collections.ConfigDict(dict(name='conv_vae'))
 
