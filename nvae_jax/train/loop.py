@@ -1,0 +1,287 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+What ends up in ``workdir`` (written by process 0, checkpoints by all processes together):
+
+* ``checkpoints/<step>/``: train state + data pipeline position + config (resumed automatically);
+* ``metrics.jsonl``: one JSON object per line: ``{"step", "split": "train", <metric>: mean over
+  the steps since the last line, "steps_per_sec", ...}`` every ``train.log_every`` steps, and
+  ``{"step", "split": "eval", "nats_per_image", "bits_per_dim", ...}`` every
+  ``train.eval_every`` steps and at the end;
+* ``tb/``: the same scalars as TensorBoard events (tensorboardX);
+* ``samples_step<N>.png``/``recon_step<N>.png`` every ``train.images_every`` steps and at the end,
+  and ``samples.png``/``recon.png`` (the latest); a recon grid alternates rows of eval images and
+  their reconstructions.
+
+Resuming: a run started in a ``workdir`` that holds a checkpoint restores the train state and the
+data position and continues exactly as if it had not stopped (the step's rng is
+``fold_in(rng, step)``, the pipeline is a pure function of its position).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from nvae_jax import evaluate as eval_lib
+from nvae_jax import sample as sample_lib
+from nvae_jax.train import optim
+from nvae_jax.train import setup
+from nvae_jax.train import state as state_lib
+from nvae_jax.train import step as step_lib
+
+
+def _default_pipeline_fn():
+  from nvae_jax.data import make_pipeline  # pylint: disable=import-outside-toplevel
+  return make_pipeline
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+class MetricWriter:
+  """JSON lines + TensorBoard + stdout, only on process 0."""
+
+  def __init__(self, workdir: str, enabled: bool = True, stream=None):
+    self.enabled = enabled
+    self.stream = stream or sys.stdout
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step), 'split': split}
+    record.update({k: _json_number(v) for k, v in values.items()})
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    for k, v in values.items():
+      if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+        self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
+    self._tb.flush()
+
+  def print(self, line: str) -> None:
+    if self.enabled:
+      print(line, file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _json_number(v):
+  if isinstance(v, (bool, str, int)) or v is None:
+    return v
+  v = float(v)
+  return v if np.isfinite(v) else str(v)
+
+
+_SHOWN_FIRST = ('loss', 'nll', 'elbo', 'recon', 'kl')
+_SHOWN_LAST = ('grad_norm', 'lr')
+
+
+def _progress_line(step: int, total: int, rate: float, values: dict[str, float]) -> str:
+  eta = (total - step) / rate if rate > 0 else float('nan')
+  shown = [k for k in _SHOWN_FIRST if k in values]
+  shown += [k for k in sorted(values) if k not in shown and k not in _SHOWN_LAST
+            and k not in ('skipped', 'num_skipped', 'consecutive_skips', 'param_norm',
+                          'steps_per_sec')]
+  terms = ' '.join(f'{k} {values[k]:.4g}' for k in shown)
+  tail = ' '.join(f'{k} {values[k]:.3g}' for k in _SHOWN_LAST if k in values)
+  skips = ''
+  if 'num_skipped' in values:
+    skips = (f' | skips {int(values["num_skipped"])} '
+             f'({int(values["consecutive_skips"])} in a row)')
+  eta_s = _format_duration(eta) if np.isfinite(eta) else '?'
+  rate_s = f'{rate:.2f}' if np.isfinite(rate) else '?'
+  return f'step {step}/{total} | {rate_s} steps/s | ETA {eta_s} | {terms} | {tail}{skips}'
+
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+  host = step_lib.to_host(history)
+  out = {}
+  for k in host[-1]:
+    if k in ('num_skipped', 'consecutive_skips'):
+      out[k] = int(host[-1][k])
+    elif k == 'skipped':
+      out[k] = int(np.sum([h[k] for h in host]))
+    else:
+      out[k] = float(np.mean([h[k] for h in host]))
+  return out
+
+
+def _due(step: int, every: int, last: bool) -> bool:
+  return last or (every > 0 and step % every == 0)
+
+
+def train_and_evaluate(config, workdir: str, *, task=None,
+                       pipeline_fn: Callable | None = None,
+                       stop_after_steps: int | None = None) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
+
+  Args:
+    config: a full config (``configs/common.py``); validated before anything compiles.
+    workdir: output folder (created); see the module docstring for its content.
+    task: a ModelTask to use instead of ``build_task(config)`` (tests, notebooks).
+    pipeline_fn: ``make_pipeline``-compatible factory (default ``nvae_jax.data.make_pipeline``).
+    stop_after_steps: stop (after checkpointing) once this many steps ran *in this call*, as if
+      the process were killed there; for tests of resumption.
+
+  Returns:
+    ``{'step', 'train': last logged train metrics, 'eval': last eval report}``.
+  """
+  run = setup.build(config, task)
+  c = config
+  pipeline_fn = pipeline_fn or _default_pipeline_fn()
+  pidx, pcount = jax.process_index(), jax.process_count()
+  is_main = pidx == 0
+  writer = MetricWriter(workdir, enabled=is_main)
+
+  make_pipe = lambda split, train: pipeline_fn(  # noqa: E731
+      c.data, split, train=train, seed=c.seed, process_index=pidx, process_count=pcount)
+  train_pipe = make_pipe(c.data.train_split, True)
+  first = next(train_pipe)  # gives the shapes; rewound by set_state when resuming
+  global_first = step_lib.put_batch(first, run.mesh)
+  image_shape = tuple(first['image'].shape[1:])
+
+  abstract, shardings = setup.abstract_state(run, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), global_first))
+  ckpt = setup.make_checkpointer(c, workdir)
+  restored_step = ckpt.latest_step()
+  if restored_step is not None:
+    state, data_state, _ = ckpt.restore(abstract, restored_step)
+    # Hosts share the position (epoch, step); the saved one is process 0's.
+    train_pipe.set_state(dict(data_state, process_index=pidx))
+    first = next(train_pipe)
+    global_first = step_lib.put_batch(first, run.mesh)
+    writer.print(f'Resumed from {ckpt.directory}/{restored_step}.')
+  else:
+    state = setup.init_state(run, global_first, shardings)
+    n_params = state_lib.num_params(abstract['params'])
+    writer.print(f'Initialised {c.model.name}: {n_params:,} parameters on '
+                 f'{jax.device_count()} device(s), mesh {dict(run.mesh.shape)}.')
+
+  train_step = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings)
+  var_sharding = setup.variables_sharding(shardings)
+  eval_step = eval_lib.make_eval_step(run.task, run.mesh, var_sharding)
+  sampler = sample_lib.make_sampler(run.task, run.mesh, var_sharding, c.train.num_images,
+                                    c.sample.temperature)
+  reconstructor = jax.jit(run.task.reconstruct,
+                          in_shardings=(var_sharding, step_lib.batch_sharding(run.mesh),
+                                        step_lib.replicated(run.mesh)),
+                          out_shardings=step_lib.replicated(run.mesh))
+  continuous = bool(run.task.describe().get('likelihood', {}).get('continuous', False))
+  eval_key = state_lib.stream_key(c.seed, state_lib.EVAL_STREAM)
+  sample_key = state_lib.stream_key(c.seed, state_lib.SAMPLE_STREAM)
+  recon_batch = None
+
+  def run_eval(step: int) -> dict[str, Any]:
+    pipe = make_pipe(c.data.eval_split, False)
+    report = eval_lib.evaluate_split(
+        eval_step, state_lib.variables_of(state), pipe, run.mesh, eval_key,
+        image_shape=image_shape, continuous=continuous,
+        num_batches=c.train.num_eval_batches or None, split=c.data.eval_split)
+    writer.write(step, 'eval', {k: v for k, v in report.items() if k != 'split'})
+    writer.print(f'eval at step {step} on {report["num_examples"]} {c.data.eval_split} examples: '
+                 f'{report["nats_per_image"]:.3f} nats/image, {report["bits_per_dim"]:.4f} '
+                 f'bits/dim ({c.data.num_bits}-bit data'
+                 + (', continuous density)' if continuous else ')'))
+    return report
+
+  def write_images(step: int) -> None:
+    nonlocal recon_batch
+    variables = state_lib.variables_of(state)
+    samples = step_lib.to_host(sampler(variables, jax.random.fold_in(sample_key, 0)))
+    if recon_batch is None:
+      recon_batch = step_lib.put_batch(next(make_pipe(c.data.eval_split, False)), run.mesh)
+    recons = step_lib.to_host(reconstructor(variables, recon_batch,
+                                            jax.random.fold_in(sample_key, 1)))
+    n = min(c.train.num_images, recons.shape[0])
+    originals = step_lib.to_host(recon_batch['image'])[:n]
+    if not is_main:
+      return
+    for name, images in (('samples', samples),
+                         ('recon', sample_lib.pair_rows(originals, recons[:n]))):
+      grid = sample_lib.make_grid(images)
+      sample_lib.save_png(os.path.join(workdir, f'{name}_step{step}.png'), grid)
+      sample_lib.save_png(os.path.join(workdir, f'{name}.png'), grid)
+
+  total = int(c.train.num_steps)
+  start = int(step_lib.to_host(state['step']))
+  result: dict[str, Any] = {'step': start, 'train': None, 'eval': None}
+  if start >= total:
+    writer.print(f'Nothing to do: the checkpoint is at step {start} >= train.num_steps={total}.')
+    ckpt.close()
+    writer.close()
+    return result
+
+  history: list[dict] = []
+  previous = None
+  t_last, steps_since, overhead = time.time(), 0, 0.0
+  batch = global_first
+  for step in range(start, total):
+    if step > start:
+      batch = step_lib.put_batch(next(train_pipe), run.mesh)
+    state, metrics = train_step(state, batch)
+    if step == start:  # keep compilation out of steps/s and the ETA
+      jax.block_until_ready(metrics)
+      t_last, steps_since = time.time(), -1
+    done = step + 1
+    last = done == total or (stop_after_steps is not None and done - start >= stop_after_steps)
+    history.append(metrics)
+    steps_since += 1
+    if previous is not None:  # one step behind, so the host does not wait on every step
+      p = step_lib.to_host({k: previous[k] for k in ('num_skipped', 'consecutive_skips')
+                            if k in previous})
+      if p:
+        optim.check_skips(int(p['consecutive_skips']), int(p['num_skipped']),
+                          c.optim.max_consecutive_skips, done - 1)
+    previous = metrics
+
+    if _due(done, c.train.log_every, last):
+      values = _mean_metrics(history)
+      if 'consecutive_skips' in values:
+        optim.check_skips(int(values['consecutive_skips']), int(values['num_skipped']),
+                          c.optim.max_consecutive_skips, done)
+      elapsed = max(time.time() - t_last - overhead, 1e-9)
+      values['steps_per_sec'] = steps_since / elapsed if steps_since > 0 else float('nan')
+      writer.write(done, 'train', values)
+      writer.print(_progress_line(done, total, values['steps_per_sec'], values))
+      result['train'] = values
+      history, t_last, steps_since, overhead = [], time.time(), 0, 0.0
+
+    t0 = time.time()
+    if _due(done, c.train.eval_every, done == total):
+      result['eval'] = run_eval(done)
+    if _due(done, c.train.images_every, done == total):
+      write_images(done)
+    if _due(done, c.train.checkpoint_every, last):
+      ckpt.save(done, state, data_state=train_pipe.get_state(), config=c, force=True)
+    overhead += time.time() - t0
+    result['step'] = done
+    if last:
+      break
+
+  if previous is not None and 'consecutive_skips' in previous:
+    p = step_lib.to_host(previous)
+    optim.check_skips(int(p['consecutive_skips']), int(p['num_skipped']),
+                      c.optim.max_consecutive_skips, result['step'])
+  ckpt.close()
+  writer.close()
+  return result

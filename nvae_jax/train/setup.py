@@ -1,0 +1,135 @@
+"""Building a run from a config: task, mesh, optimizer, abstract state, restore, describe.
+
+Shared by the train loop and by the ``eval``/``sample``/``describe`` modes, so that every mode sees
+the same validated config, the same shardings and the same checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from nvae_jax import config_validation
+from nvae_jax.models.base import build_task
+from nvae_jax.train import checkpoint as ckpt_lib
+from nvae_jax.train import optim
+from nvae_jax.train import state as state_lib
+from nvae_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """What a config builds before any data is read or anything is compiled."""
+  config: Any
+  task: Any
+  mesh: Mesh
+  tx: optax.GradientTransformation
+  schedule: Callable[[jax.Array], jax.Array]
+
+
+def build(config, task=None) -> Run:
+  """Validates ``config`` (before any compilation) and builds the task, mesh and optimizer."""
+  config_validation.validate(config, num_devices=jax.device_count(),
+                             num_processes=jax.process_count())
+  task = build_task(config) if task is None else task
+  mesh = step_lib.make_mesh(config.mesh)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
+  return Run(config=config, task=task, mesh=mesh, tx=tx, schedule=schedule)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints')
+
+
+def make_checkpointer(config, workdir: str) -> ckpt_lib.Checkpointer:
+  t = config.train
+  return ckpt_lib.Checkpointer(checkpoint_dir(workdir), keep=t.keep_checkpoints,
+                               async_save=t.async_checkpoints)
+
+
+def batch_spec(image_shape, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Abstract global batch ``{'image': [B, H, W, C] float32, 'mask': [B]}``."""
+  return {'image': jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32),
+          'mask': jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+
+
+def abstract_state(run: Run, spec) -> tuple[Any, Any]:
+  """``(abstract train state with shardings, shardings)`` for batches like ``spec`` (no compile)."""
+  init = functools.partial(state_lib.init_train_state, run.task, run.tx, run.config.seed)
+  shapes = jax.eval_shape(init, spec)
+  shardings = step_lib.state_shardings(shapes, run.mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return abstract, shardings
+
+
+def init_state(run: Run, global_batch, shardings):
+  """Initialises the train state on the mesh from a placed global batch (data-dependent init)."""
+  init = functools.partial(state_lib.init_train_state, run.task, run.tx, run.config.seed)
+  return jax.jit(init, in_shardings=(step_lib.batch_sharding(run.mesh),),
+                 out_shardings=shardings)(global_batch)
+
+
+def variables_sharding(shardings):
+  return state_lib.variables_of(shardings)
+
+
+def restore_latest(run: Run, workdir: str, image_shape, batch_size: int):
+  """``(state, data_state, step, shardings)`` from the latest checkpoint in ``workdir``."""
+  abstract, shardings = abstract_state(run, batch_spec(image_shape, batch_size))
+  ckpt = make_checkpointer(run.config, workdir)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'--workdir={workdir}: no checkpoint in {checkpoint_dir(workdir)}; '
+                              'train first (--mode=train)')
+    state, data_state, _ = ckpt.restore(abstract, step)
+  finally:
+    ckpt.close()
+  return state, data_state, step, shardings
+
+
+def describe(config, task=None) -> dict[str, Any]:
+  """Shapes and parameter count of the model of ``config``, via ``jax.eval_shape`` (no compile)."""
+  from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
+  config_validation.validate(config)
+  task = build_task(config) if task is None else task
+  shape = image_shape(config.data)
+  spec = batch_spec(shape, 1)
+  variables = jax.eval_shape(task.init, state_lib.stream_key(config.seed, state_lib.INIT_STREAM),
+                             spec)
+  params = variables['params']
+  info = dict(task.describe())
+  out = dict(model=config.model.name, num_params=state_lib.num_params(params),
+             param_bytes=int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
+                                 for x in jax.tree.leaves(params))),
+             collections={k: state_lib.num_params(v) for k, v in variables.items()
+                          if k != 'params'},
+             image_shape=list(shape))
+  for key in ('inputs', 'latents', 'outputs', 'likelihood'):
+    out[key] = _jsonable(info.get(key))
+  for key, value in info.items():
+    out.setdefault(key, _jsonable(value))
+  return out
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, (jax.ShapeDtypeStruct, np.ndarray, jax.Array)):
+    return list(x.shape)
+  return x

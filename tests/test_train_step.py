@@ -1,0 +1,296 @@
+"""The sharded update step, update skipping, schedules and weight decay.
+
+Independent references: the same step on one device (for 8-way data parallel and FSDP), the
+state before a skipped update, closed-form schedules, and Adam/Adamax written out in numpy.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs.common import base_config
+from nvae_jax.train import optim
+from nvae_jax.train import state as state_lib
+from nvae_jax.train import step as step_lib
+from nvae_jax.train.testing import TinyVAETask
+
+B, S = 8, 8  # global batch, image side
+
+
+def _config():
+  c = base_config()
+  c.model = ml_collections.ConfigDict(dict(name='tiny_test_vae', features=4, latent=2))
+  c.data.image_size = S
+  c.data.batch_size = B
+  c.optim.lr = 1e-2
+  c.optim.warmup_steps = 5
+  c.optim.grad_clip = 100.0
+  c.optim.weight_decay = 1e-4
+  c.optim.weight_decay_mode = 'coupled'
+  return c
+
+
+def _batches(n):
+  rng = np.random.default_rng(0)
+  return [{'image': (rng.integers(0, 256, (B, S, S, 1)) / 255.0).astype(np.float32),
+           'mask': np.ones((B,), np.float32)} for _ in range(n)]
+
+
+class _Runner:
+  """A compiled step on one mesh, with its initial state."""
+
+  def __init__(self, task, config, mesh, fsdp_min_size=step_lib.FSDP_MIN_SIZE):
+    self.mesh = mesh
+    self.tx, self.schedule = optim.make_optimizer(config.optim, 100)
+    batch0 = step_lib.put_batch(_batches(1)[0], mesh)
+    init = lambda b: state_lib.init_train_state(task, self.tx, config.seed, b)  # noqa: E731
+    shapes = jax.eval_shape(init, batch0)
+    self.shardings = step_lib.state_shardings(shapes, mesh, min_size=fsdp_min_size)
+    self.init = jax.jit(init, out_shardings=self.shardings)
+    self.batch0 = batch0
+    self.step = step_lib.make_train_step(task, self.tx, self.schedule, mesh, self.shardings)
+
+  def fresh_state(self):
+    return self.init(self.batch0)
+
+  def run(self, batches):
+    state, losses = self.fresh_state(), []
+    for b in batches:
+      state, metrics = self.step(state, step_lib.put_batch(b, self.mesh))
+      losses.append(float(metrics['loss']))
+    return step_lib.to_host(state), losses
+
+
+@pytest.fixture(scope='module')
+def config():
+  return _config()
+
+
+@pytest.fixture(scope='module')
+def task(config):
+  return TinyVAETask(config)
+
+
+@pytest.fixture(scope='module')
+def single(task, config):
+  mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), jax.devices()[:1])
+  return _Runner(task, config, mesh)
+
+
+def _assert_trees_close(a, b, rtol, atol):
+  la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for (path, x), y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol,
+                               atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize('fsdp', [1, 2])
+def test_sharded_step_equals_single_device(task, config, single, fsdp):
+  assert jax.device_count() == 8, 'conftest should provide 8 CPU devices'
+  mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=fsdp)))
+  assert dict(mesh.shape) == {'data': 8 // fsdp, 'fsdp': fsdp}
+  sharded = _Runner(task, config, mesh, fsdp_min_size=1)
+  if fsdp > 1:  # the conv kernel [3, 3, 1, 4] is split on its last axis, moments too
+    assert sharded.shardings['params']['conv']['kernel'].spec == P(None, None, None, 'fsdp')
+    adam = sharded.shardings["opt_state"].inner_state[2]
+    assert adam.mu['conv']['kernel'].spec == P(None, None, None, 'fsdp')
+  batches = _batches(3)
+  state_1, losses_1 = single.run(batches)
+  state_n, losses_n = sharded.run(batches)
+  # Same maths, different reduction order over the 8 shards: float32 rounding only.
+  np.testing.assert_allclose(losses_n, losses_1, rtol=1e-6)
+  assert losses_1[0] != losses_1[2]  # the parameters did move
+  _assert_trees_close(state_n['params'], state_1['params'], rtol=1e-5, atol=1e-6)
+  # Batch-norm statistics of the global batch (synchronised BN without an axis name).
+  _assert_trees_close(state_n['model_state'], state_1['model_state'], rtol=1e-5, atol=1e-6)
+  assert int(state_n['step']) == 3
+
+
+def test_batch_norm_statistics_are_global(task, single):
+  """The running mean after one step equals the closed form over all 8 examples."""
+  batch = _batches(1)[0]
+  state = single.fresh_state()
+  params = step_lib.to_host(state['params'])
+  new_state, _ = single.step(state, step_lib.put_batch(batch, single.mesh))
+  x = 2.0 * batch['image'] - 1.0
+  conv = jax.lax.conv_general_dilated(
+      jnp.asarray(x), jnp.asarray(params['conv']['kernel']), (2, 2), 'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  expected = 0.1 * np.asarray(conv).mean(axis=(0, 1, 2))  # momentum 0.9 from a zero mean
+  got = step_lib.to_host(new_state['model_state'])['batch_stats']['bn']['mean']
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_update_is_skipped_and_counted(single):
+  good, bad = _batches(1)[0], dict(_batches(1)[0])
+  bad['image'] = bad['image'].copy()
+  bad['image'][0, 0, 0, 0] = np.nan
+  state, m0 = single.step(single.fresh_state(), step_lib.put_batch(good, single.mesh))
+  before = step_lib.to_host(state)
+  state, m1 = single.step(state, step_lib.put_batch(bad, single.mesh))
+  after = step_lib.to_host(state)
+  assert not np.isfinite(float(m1['loss']))
+  assert (int(m1['skipped']), int(m1['num_skipped']), int(m1['consecutive_skips'])) == (1, 1, 1)
+  for key in ('params', 'model_state'):
+    for x, y in zip(jax.tree.leaves(before[key]), jax.tree.leaves(after[key])):
+      np.testing.assert_array_equal(x, y)
+  for x, y in zip(jax.tree.leaves(before['opt_state'].inner_state),
+                  jax.tree.leaves(after['opt_state'].inner_state)):
+    np.testing.assert_array_equal(x, y)
+  assert int(after['step']) == 2  # the step counter still counts the batch
+  state, m2 = single.step(state, step_lib.put_batch(bad, single.mesh))
+  assert (int(m2['num_skipped']), int(m2['consecutive_skips'])) == (2, 2)
+  state, m3 = single.step(state, step_lib.put_batch(good, single.mesh))
+  assert (int(m3['skipped']), int(m3['num_skipped']), int(m3['consecutive_skips'])) == (0, 2, 0)
+  # The schedule counts applied updates: the 2nd applied update uses lr(1), as did the skips.
+  lr1 = float(single.schedule(1))
+  assert float(m0['lr']) == pytest.approx(float(single.schedule(0)))
+  for m in (m1, m2, m3):
+    assert float(m['lr']) == pytest.approx(lr1)
+  changed = step_lib.to_host(state)['params']
+  assert not np.array_equal(changed['conv']['kernel'], before['params']['conv']['kernel'])
+
+
+def test_consecutive_skip_limit_raises(single):
+  bad = dict(_batches(1)[0])
+  bad['image'] = np.full_like(bad['image'], np.inf)
+  state = single.fresh_state()
+  with pytest.raises(optim.TooManySkipsError, match=r'optim\.max_consecutive_skips: 3 '):
+    for _ in range(10):
+      state, m = single.step(state, step_lib.put_batch(bad, single.mesh))
+      optim.check_skips(int(m['consecutive_skips']), int(m['num_skipped']), 3, int(state['step']))
+  assert int(m['consecutive_skips']) == 3
+
+
+def test_skip_threshold_on_gradient_norm():
+  inner = optax.sgd(1.0)
+  tx = optim.skip_nonfinite_or_huge(inner, threshold=4.0)
+  params = {'w': jnp.array([1.0, 2.0])}
+  st = tx.init(params)
+  u, st = tx.update({'w': jnp.array([3.0, 4.0])}, st, params)  # norm 5 > 4: skipped
+  np.testing.assert_array_equal(u['w'], [0.0, 0.0])
+  assert (int(st.num_skipped), int(st.consecutive_skips), bool(st.last_skipped)) == (1, 1, True)
+  u, st = tx.update({'w': jnp.array([0.6, 0.8])}, st, params)  # norm 1: applied
+  np.testing.assert_allclose(u['w'], [-0.6, -0.8])
+  assert (int(st.num_skipped), int(st.consecutive_skips), bool(st.last_skipped)) == (1, 0, False)
+  # threshold 0: only non-finite gradients are skipped, however large the finite ones
+  tx0 = optim.skip_nonfinite_or_huge(inner, threshold=0.0)
+  u, st0 = tx0.update({'w': jnp.array([3e4, 4e4])}, tx0.init(params), params)
+  np.testing.assert_allclose(u['w'], [-3e4, -4e4])
+  u, st0 = tx0.update({'w': jnp.array([1.0, -jnp.inf])}, st0, params)
+  np.testing.assert_array_equal(u['w'], [0.0, 0.0])
+  assert int(st0.num_skipped) == 1
+
+
+def _schedule_config(kind, warmup=4, lr=1.0, min_lr=0.1):
+  c = base_config().optim
+  c.schedule, c.warmup_steps, c.lr, c.min_lr = kind, warmup, lr, min_lr
+  return c
+
+
+def test_warmup_cosine_schedule_closed_form():
+  n, w, lr, lo = 20, 4, 1.0, 0.1
+  sched = optim.make_schedule(_schedule_config('cosine', w, lr, lo), n)
+  got = np.asarray(jax.vmap(sched)(jnp.arange(n + 5)))
+  expected = [lr * (s + 1) / w if s < w else
+              lo + (lr - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, (s - w) / (n - w))))
+              for s in range(n + 5)]
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  # anchors: the peak is reached by the last warm-up step, half-way point, floor at the end
+  assert got[w - 1] == pytest.approx(lr) and got[w] == pytest.approx(lr)
+  assert got[(n + w) // 2] == pytest.approx((lr + lo) / 2, rel=1e-6)
+  assert got[n] == pytest.approx(lo) and got[n + 4] == pytest.approx(lo)
+  assert np.all(np.diff(got[:w]) > 0) and np.all(np.diff(got[w:n + 1]) < 0)
+
+
+def test_constant_schedule_and_no_warmup():
+  sched = optim.make_schedule(_schedule_config('constant', 3, 0.5), 10)
+  np.testing.assert_allclose([float(sched(s)) for s in range(6)],
+                             [0.5 / 3, 1.0 / 3, 0.5, 0.5, 0.5, 0.5], rtol=1e-6)
+  sched = optim.make_schedule(_schedule_config('cosine', 0, 1.0, 0.0), 10)
+  assert float(sched(0)) == pytest.approx(1.0)
+  assert float(sched(5)) == pytest.approx(0.5, rel=1e-6)
+
+
+C = np.array([1.0, 0.5, -1.0])
+
+
+def _numpy_reference(name, mode, p, a, lr, wd, steps, clip=0.0, b1=0.9, b2=0.999, eps=1e-8):
+  """Adam (Kingma & Ba, eps outside the sqrt) / Adamax (u = max(b2 u, |g| + eps)) by hand for
+  the loss 0.5 * sum(a * (p - C)^2), whose gradient is a * (p - C)."""
+  p = np.array(p, np.float64)
+  m = np.zeros_like(p)
+  v = np.zeros_like(p)
+  for t in range(1, steps + 1):
+    g = a * (p - C)
+    if clip > 0:
+      g = g * min(1.0, clip / np.linalg.norm(g))
+    if mode == 'coupled':
+      g = g + wd * p
+    m = b1 * m + (1 - b1) * g
+    if name == 'adamax':
+      v = np.maximum(b2 * v, np.abs(g) + eps)
+      u = m / (1 - b1**t) / v
+    else:
+      v = b2 * v + (1 - b2) * g**2
+      u = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    if mode == 'decoupled':
+      u = u + wd * p
+    p = p - lr * u
+  return p
+
+
+@pytest.mark.parametrize('name,mode,clip', [('adam', 'coupled', 0.0), ('adam', 'decoupled', 0.0),
+                                            ('adamw', 'decoupled', 0.0),
+                                            ('adamax', 'coupled', 0.0),
+                                            ('adamax', 'coupled', 0.5)])
+def test_weight_decay_against_hand_computation(name, mode, clip):
+  c = base_config().optim
+  c.name, c.weight_decay_mode, c.weight_decay, c.lr, c.grad_clip = name, mode, 0.3, 0.1, clip
+  tx, _ = optim.make_optimizer(c, 10)
+  a = np.array([1.0, 3.0, 0.5])
+  p0 = np.array([0.5, -1.0, 2.0])
+  # float64, so that the comparison is not limited by float32 rounding of 1 - b2**t.
+  with jax.enable_x64(True):
+    params = jnp.asarray(p0, jnp.float64)
+    st = tx.init(params)
+    for _ in range(3):
+      updates, st = tx.update(jnp.asarray(a) * (params - jnp.asarray(C)), st, params)
+      params = optax.apply_updates(params, updates)
+    params = np.asarray(params)
+  assert params.dtype == np.float64
+  lr = float(np.float32(0.1))  # the schedule returns a float32 learning rate
+  expected = _numpy_reference('adamax' if name == 'adamax' else 'adam', mode, p0, a, lr, 0.3, 3,
+                              clip=clip)
+  np.testing.assert_allclose(params, expected, rtol=1e-12, atol=1e-14)
+  # and the decay did matter: without it the result differs
+  assert not np.allclose(expected, _numpy_reference(name, 'none', p0, a, 0.1, 0.0, 3, clip=clip),
+                         rtol=1e-4)
+
+
+def test_adamw_with_coupled_decay_is_an_error():
+  c = base_config().optim
+  c.name, c.weight_decay_mode = 'adamw', 'coupled'
+  with pytest.raises(ValueError, match=r"optim\.weight_decay_mode: .*'coupled'"):
+    optim.make_optimizer(c, 10)
+
+
+def test_fsdp_spec_choices():
+  mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=4)))
+  abstract = {'big': jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32),
+              'odd': jax.ShapeDtypeStruct((3, 4099), jnp.float32),
+              'small': jax.ShapeDtypeStruct((16,), jnp.float32)}
+  sh = step_lib.state_shardings(abstract, mesh)
+  assert sh['big'].spec == P(None, None, None, 'fsdp')  # the largest divisible axis
+  assert sh['odd'].spec == P() and sh['small'].spec == P()
+  with pytest.raises(ValueError, match=r'mesh\.fsdp: .*device count 8, got 3'):
+    step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=3)))
+  with pytest.raises(ValueError, match=r'mesh\.data: .*got data=3'):
+    step_lib.make_mesh(ml_collections.ConfigDict(dict(data=3, fsdp=1)))
