@@ -4,7 +4,8 @@ What ends up in ``workdir`` (written by process 0, checkpoints by all processes 
 
 * ``checkpoints/<step>/``: train state + data pipeline position + config (resumed automatically);
 * ``metrics.jsonl``: one JSON object per line: ``{"step", "split": "train", <metric>: mean over
-  the steps since the last line, "steps_per_sec", ...}`` every ``train.log_every`` steps, and
+  the steps since the last line, "lr"/"num_skipped"/"consecutive_skips": latest value,
+  "skipped": count in the interval, "steps_per_sec", ...}`` every ``train.log_every`` steps, and
   ``{"step", "split": "eval", "nats_per_image", "bits_per_dim", ...}`` every
   ``train.eval_every`` steps and at the end;
 * ``tb/``: the same scalars as TensorBoard events (tensorboardX);
@@ -119,6 +120,8 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
   for k in host[-1]:
     if k in ('num_skipped', 'consecutive_skips'):
       out[k] = int(host[-1][k])
+    elif k == 'lr':  # the latest rate, not an average over the interval
+      out[k] = float(host[-1][k])
     elif k == 'skipped':
       out[k] = int(np.sum([h[k] for h in host]))
     else:
@@ -166,8 +169,8 @@ def train_and_evaluate(config, workdir: str, *, task=None,
   restored_step = ckpt.latest_step()
   if restored_step is not None:
     state, data_state, _ = ckpt.restore(abstract, restored_step)
-    # Hosts share the position (epoch, step); the saved one is process 0's.
-    train_pipe.set_state(dict(data_state, process_index=pidx))
+    # The position is that of the global batch stream, the same on every host (process 0's).
+    train_pipe.set_state(data_state)
     first = next(train_pipe)
     global_first = step_lib.put_batch(first, run.mesh)
     writer.print(f'Resumed from {ckpt.directory}/{restored_step}.')
@@ -216,9 +219,10 @@ def train_and_evaluate(config, workdir: str, *, task=None,
     originals = step_lib.to_host(recon_batch['image'])[:n]
     if not is_main:
       return
-    for name, images in (('samples', samples),
-                         ('recon', sample_lib.pair_rows(originals, recons[:n]))):
-      grid = sample_lib.make_grid(images)
+    _, cols = sample_lib.grid_layout(n)
+    for name, images, ncols in (('samples', samples, None),
+                                ('recon', sample_lib.pair_rows(originals, recons[:n], cols), cols)):
+      grid = sample_lib.make_grid(images, ncols)
       sample_lib.save_png(os.path.join(workdir, f'{name}_step{step}.png'), grid)
       sample_lib.save_png(os.path.join(workdir, f'{name}.png'), grid)
 
