@@ -1,0 +1,108 @@
+r"""The command line: ``nvae-jax`` / ``python -m nvae_jax.main``.
+
+  nvae-jax --config=configs/quickstart.py --workdir=/tmp/quickstart            # train (resumes)
+  nvae-jax --config=configs/nvae_mnist.py:small --workdir=W --config.train.num_steps=100
+  nvae-jax --config=... --workdir=W --mode=eval       # one JSON line: nats/image, bits/dim
+  nvae-jax --config=... --workdir=W --mode=sample --config.sample.temperature=0.7
+  nvae-jax --config=... --mode=describe               # one JSON line: parameters and shapes
+
+``--config`` is an ml_collections config file ``path.py[:arg]`` (default: the offline quickstart);
+any field can be overridden with ``--config.section.field=value`` and unknown fields are errors.
+``--distributed`` (or ``NVAE_JAX_DISTRIBUTED=1``) calls ``jax.distributed.initialize()`` first,
+for multi-process runs (see ``launch/``).  This module only parses flags; the work is done in
+``nvae_jax.train.loop``, ``nvae_jax.evaluate``, ``nvae_jax.sample`` and ``nvae_jax.train.setup``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from nvae_jax.config_validation import ConfigError
+
+MODES = ('train', 'eval', 'sample', 'describe')
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              'configs', 'quickstart.py')
+
+
+def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      'config', DEFAULT_CONFIG, 'Config file path.py[:arg]; override fields with '
+      '--config.section.field=value.', flag_values=fv, lock_config=True, sys_argv=list(argv))
+  flags.DEFINE_string('workdir', None, 'Output folder: checkpoints, metrics, images.',
+                      flag_values=fv)
+  flags.DEFINE_enum('mode', 'train', MODES, 'What to do.', flag_values=fv)
+  flags.DEFINE_string('output', '', '--mode=sample: PNG path (default in --workdir).',
+                      flag_values=fv)
+  flags.DEFINE_bool('distributed', os.environ.get('NVAE_JAX_DISTRIBUTED', '') == '1',
+                    'Call jax.distributed.initialize() (multi-process runs).', flag_values=fv)
+  return fv
+
+
+def _emit(record: dict[str, Any]) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
+    print(json.dumps(record), flush=True)
+
+
+def main(argv: Sequence[str]) -> dict[str, Any]:
+  """Parses ``argv`` (``argv[0]`` is the program name), runs the mode, returns its result.
+
+  Raises ``absl.flags.Error`` for bad flags (unknown config field, wrong type) and ``ValueError``
+  for bad config values, before anything is compiled.
+  """
+  argv = list(argv)
+  fv = _define_flags(argv)
+  if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
+    print(__doc__)
+    print(fv.get_help())
+    return {}
+  try:
+    fv(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
+    raise flags.Error(f'unknown config field in a --config.* override: {e.args[0] if e.args else e}'
+                      ) from e
+  mode = fv.mode
+  if mode != 'describe' and not fv.workdir:
+    raise flags.ValidationError(f'--workdir: required for --mode={mode}')
+  if fv.distributed:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize()
+  config = fv.config
+  # pylint: disable=import-outside-toplevel
+  if mode == 'train':
+    from nvae_jax.train import loop
+    return loop.train_and_evaluate(config, fv.workdir)
+  if mode == 'eval':
+    from nvae_jax import evaluate
+    result = evaluate.evaluate_checkpoint(config, fv.workdir)
+  elif mode == 'sample':
+    from nvae_jax import sample
+    result = sample.sample_checkpoint(config, fv.workdir, output=fv.output)
+  else:
+    from nvae_jax.train import setup
+    result = setup.describe(config)
+  _emit(result)
+  return result
+
+
+def run() -> None:
+  """Console-script entry point: exits 2 with a one-line message on a bad flag or config."""
+  try:
+    main(sys.argv)
+  except flags.Error as e:
+    print(f'nvae-jax: flag error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except ConfigError as e:
+    print(f'nvae-jax: config error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  run()
