@@ -42,7 +42,21 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
                       flag_values=fv)
   flags.DEFINE_bool('distributed', os.environ.get('NVAE_JAX_DISTRIBUTED', '') == '1',
                     'Call jax.distributed.initialize() (multi-process runs).', flag_values=fv)
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for --distributed '
+                      '(default: auto-detected on SLURM/Open MPI/TPU, or JAX_COORDINATOR_ADDRESS).',
+                      flag_values=fv)
+  flags.DEFINE_integer('num_processes', None, 'Number of processes for --distributed '
+                       '(default: auto-detected).', flag_values=fv)
+  flags.DEFINE_integer('process_id', None, 'This process for --distributed (default: '
+                       'auto-detected).', flag_values=fv)
   return fv
+
+
+def _initialize_distributed(fv: flags.FlagValues) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  given = dict(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
+               process_id=fv.process_id)
+  jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 
 
 def _emit(record: dict[str, Any]) -> None:
@@ -72,8 +86,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   if mode != 'describe' and not fv.workdir:
     raise flags.ValidationError(f'--workdir: required for --mode={mode}')
   if fv.distributed:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize()
+    _initialize_distributed(fv)
   config = fv.config
   # pylint: disable=import-outside-toplevel
   if mode == 'train':

@@ -185,7 +185,8 @@ def train_and_evaluate(config, workdir: str, *, task=None,
   eval_step = eval_lib.make_eval_step(run.task, run.mesh, var_sharding)
   sampler = sample_lib.make_sampler(run.task, run.mesh, var_sharding, c.train.num_images,
                                     c.sample.temperature)
-  reconstructor = jax.jit(run.task.reconstruct,
+  # Returns the (all-gathered) originals too: in multi-process runs no host holds the batch.
+  reconstructor = jax.jit(lambda v, b, r: (b['image'], run.task.reconstruct(v, b, r)),
                           in_shardings=(var_sharding, step_lib.batch_sharding(run.mesh),
                                         step_lib.replicated(run.mesh)),
                           out_shardings=step_lib.replicated(run.mesh))
@@ -213,10 +214,10 @@ def train_and_evaluate(config, workdir: str, *, task=None,
     samples = step_lib.to_host(sampler(variables, jax.random.fold_in(sample_key, 0)))
     if recon_batch is None:
       recon_batch = step_lib.put_batch(next(make_pipe(c.data.eval_split, False)), run.mesh)
-    recons = step_lib.to_host(reconstructor(variables, recon_batch,
-                                            jax.random.fold_in(sample_key, 1)))
+    originals, recons = step_lib.to_host(reconstructor(variables, recon_batch,
+                                                       jax.random.fold_in(sample_key, 1)))
     n = min(c.train.num_images, recons.shape[0])
-    originals = step_lib.to_host(recon_batch['image'])[:n]
+    originals = originals[:n]
     if not is_main:
       return
     _, cols = sample_lib.grid_layout(n)
