@@ -1,0 +1,171 @@
+"""Convolutions of NVAE: weight-normalised conv, plain conv and depthwise conv.
+
+Layouts are NHWC for activations and HWIO for kernels.  Padding is always explicit and symmetric
+(``padding=p`` pads p pixels on each side, as PyTorch's ``padding=p``); flax's ``'SAME'`` is never
+used because with stride 2 on even sizes it pads (0, 1) and shifts the features.
+
+Weight normalisation (Salimans & Kingma 2016, in NVAE's variant): the effective kernel is
+
+    W~[..., o] = exp(g_o) * W[..., o] / (||W[..., o]|| + 1e-5),
+
+with the norm over (H, W, I) for each output channel o and ``g = log_weight_norm`` of shape [O].
+At initialisation ``g_0 = log(||W_0|| + 0.01) + log(weight_init_scale)``, with ``W_0`` drawn as
+PyTorch's default conv init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (the bias likewise).
+
+Every convolution writes its effective float32 kernel into the ``'conv_kernels'`` collection (when
+that collection is mutable) so that the spectral regulariser (``nvae_jax.objectives.spectral``)
+can see every conv of the model, weight-normalised or not, masked or not.
+
+Depthwise convolutions (``groups == C_in == C_out``) have two implementations behind one switch,
+``depthwise_impl``: ``'lax'`` (a grouped ``lax.conv_general_dilated``, right for GPU/TPU) and
+``'shift'`` (the sum over the k*k taps of shifted input slices times the per-channel tap weights,
+about 3x faster forward+backward on XLA:CPU where grouped convs are very slow).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+#: Collection holding every conv's effective kernel (HWIO, float32) after a forward pass.
+CONV_KERNELS = 'conv_kernels'
+DEPTHWISE_IMPLS = ('lax', 'shift')
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def torch_uniform_init(fan_in: int):
+  """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _safe_norm(w: jax.Array, axis) -> jax.Array:
+  """sqrt(sum(w^2)) with a finite (zero) gradient where the norm is exactly 0."""
+  sq = jnp.sum(w * w, axis=axis)
+  positive = sq > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def weight_normalize(kernel: jax.Array, log_weight_norm: jax.Array) -> jax.Array:
+  """exp(g) * W / (||W|| + 1e-5) per output channel (last axis) of an HWIO kernel."""
+  norm = _safe_norm(kernel, axis=tuple(range(kernel.ndim - 1)))
+  return kernel * (jnp.exp(log_weight_norm) / (norm + 1e-5))
+
+
+def initial_log_weight_norm(kernel: jax.Array, scale: float = 1.0) -> jax.Array:
+  """g_0 = log(||W_0|| + 0.01) + log(scale), per output channel."""
+  norm = _safe_norm(kernel, axis=tuple(range(kernel.ndim - 1)))
+  return jnp.log(norm + 1e-2) + np.log(scale)
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
+                   dilation: int = 1, impl: str = 'lax') -> jax.Array:
+  """Depthwise 2-D convolution: out[..., c] = sum_{i,j} pad(x)[.., i*d + s*y, j*d + s*x, c] k[i,j,0,c].
+
+  Args:
+    x: [B, H, W, C].
+    kernel: [kh, kw, 1, C] (HWIO with one input channel per group).
+    stride, padding, dilation: as PyTorch's (symmetric padding).
+    impl: ``'lax'`` (grouped conv) or ``'shift'`` (sum of shifted slices).
+  """
+  c = x.shape[-1]
+  if kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != c:
+    raise ValueError(f'depthwise_conv: kernel must be [kh, kw, 1, {c}] for an input with {c} '
+                     f'channels, got {kernel.shape}')
+  if impl == 'lax':
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
+        rhs_dilation=(dilation, dilation), dimension_numbers=_DIMS, feature_group_count=c)
+  if impl != 'shift':
+    raise ValueError(f'depthwise_impl: expected one of {DEPTHWISE_IMPLS}, got {impl!r}')
+  kh, kw = kernel.shape[:2]
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  ho = (xp.shape[1] - dilation * (kh - 1) - 1) // stride + 1
+  wo = (xp.shape[2] - dilation * (kw - 1) - 1) // stride + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      r0, c0 = i * dilation, j * dilation
+      tap = xp[:, r0:r0 + (ho - 1) * stride + 1:stride, c0:c0 + (wo - 1) * stride + 1:stride, :]
+      term = tap * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
+           dilation: int = 1, groups: int = 1, depthwise_impl: str = 'lax') -> jax.Array:
+  """A PyTorch-semantics conv2d in NHWC/HWIO (depthwise convs go through ``depthwise_conv``)."""
+  c_in = x.shape[-1]
+  if kernel.shape[2] * groups != c_in:
+    raise ValueError(f'conv2d: kernel {kernel.shape} with groups={groups} expects '
+                     f'{kernel.shape[2] * groups} input channels, got {c_in}')
+  if groups > 1 and groups == c_in and kernel.shape[3] == c_in:
+    return depthwise_conv(x, kernel, stride=stride, padding=padding, dilation=dilation,
+                          impl=depthwise_impl)
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
+      rhs_dilation=(dilation, dilation), dimension_numbers=_DIMS, feature_group_count=groups)
+
+
+def record_kernel(module: nn.Module, kernel: jax.Array) -> None:
+  """Stores the effective kernel in ``'conv_kernels'`` (no-op unless that collection is mutable)."""
+  module.sow(CONV_KERNELS, 'kernel', kernel, init_fn=lambda: None,
+             reduce_fn=lambda _, new: new)
+
+
+class Conv2D(nn.Module):
+  """NVAE's ``Conv2D``: optional weight normalisation, optional bias, explicit padding.
+
+  Parameters: ``kernel`` [kh, kw, C_in/groups, features], ``log_weight_norm`` [features] (only
+  with ``weight_norm``), ``bias`` [features] (only with ``use_bias``).  Parameters are float32;
+  the convolution runs in ``dtype``.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  dilation: int = 1
+  groups: int = 1
+  use_bias: bool = False
+  weight_norm: bool = True
+  weight_init_scale: float = 1.0
+  depthwise_impl: str = 'lax'
+  dtype: Any = jnp.float32
+
+  def effective_kernel(self, c_in: int) -> jax.Array:
+    k = self.kernel_size
+    if c_in % self.groups or self.features % self.groups:
+      raise ValueError(f'{self.name}: groups={self.groups} must divide C_in={c_in} and '
+                       f'features={self.features}')
+    fan_in = c_in // self.groups * k * k
+    kernel = self.param('kernel', torch_uniform_init(fan_in),
+                        (k, k, c_in // self.groups, self.features), jnp.float32)
+    if self.weight_norm:
+      g = self.param('log_weight_norm',
+                     lambda _, shape: initial_log_weight_norm(kernel, self.weight_init_scale),
+                     (self.features,))
+      kernel = weight_normalize(kernel, g)
+    return kernel
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c_in = x.shape[-1]
+    kernel = self.effective_kernel(c_in)
+    record_kernel(self, kernel)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride,
+               padding=self.padding, dilation=self.dilation, groups=self.groups,
+               depthwise_impl=self.depthwise_impl)
+    if self.use_bias:
+      fan_in = c_in // self.groups * self.kernel_size ** 2
+      bias = self.param('bias', torch_uniform_init(fan_in), (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y

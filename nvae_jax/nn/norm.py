@@ -1,0 +1,60 @@
+"""Batch normalisation with PyTorch semantics (what NVAE's SyncBatchNorm computes).
+
+Train mode normalises with the batch statistics over every axis but the last (N, H, W), using the
+*biased* variance; the running statistics are updated as
+
+    running_mean <- (1 - m) * running_mean + m * mean
+    running_var  <- (1 - m) * running_var  + m * var * n / (n - 1)
+
+with PyTorch's momentum m = 0.05 (flax's momentum would be 0.95) and the *unbiased* variance,
+n = N*H*W.  Eval mode normalises with the running statistics.  y = (x - mean) / sqrt(var + eps) *
+scale + bias with eps = 1e-5.  Statistics are taken over the whole (global) batch that the function
+sees: under ``jax.jit`` with a batch sharded over devices this is synchronised BN.
+
+Variables: params ``scale`` (init 1), ``bias`` (init 0); batch_stats ``mean`` (init 0), ``var``
+(init 1).  Statistics and normalisation are computed in float32; the output is cast to ``dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+BN_MOMENTUM = 0.05
+BN_EPS = 1e-5
+
+
+class BatchNorm(nn.Module):
+  """PyTorch-style batch norm over the last axis (see the module docstring)."""
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPS
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    x32 = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      n = x.size // c
+      if n < 2:
+        raise ValueError(f'{self.name}: batch norm in train mode needs more than one value per '
+                         f'channel, got input shape {x.shape}')
+      mean = jnp.mean(x32, axis=axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      if not self.is_initializing() and self.is_mutable_collection('batch_stats'):
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * lax.stop_gradient(mean)
+        ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(var) * (n / (n - 1))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (x32 - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
