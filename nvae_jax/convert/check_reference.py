@@ -1,0 +1,292 @@
+"""Replays a reference fixture of the original NVAE and reports the relative error of everything.
+
+Usage (from the project root)::
+
+  python -m nvae_jax.convert.check_reference ../shared/fixtures/nvae_reference/cifar_tiny_s0 \
+      [--tolerance 1e-5] [--grad_tolerance 1e-4] [--depthwise_impl auto|lax|shift] [--json]
+
+A fixture folder (format: ``shared/fixtures/nvae_reference/README.md``) holds the original's
+arguments (``summary.json``), its initial ``state_dict`` (``params.npz``), the input and the
+reparameterisation noise (``io.npz``), its outputs, the gradients of ``nelbo_loss``
+(``grads.npz``), the spectral power-iteration vectors (``sr.npz``) and the BN statistics after the
+train-mode forward (``bn_after_train_fwd.npz``).  The check builds the model from the arguments,
+converts the weights (``from_torch_names``), replays ``x`` and ``eps_*`` in train mode at
+``global_step`` 100 of 10,000 and compares: logits, log_q, log_p, kl_all, kl_diag, recon,
+balanced_kl, kl_coeffs (gamma), alpha_i, kl_coeff (beta), nelbo_loss, norm_loss, norm_loss_exact,
+bn_loss, wdn_coeff, total_loss, the BN running statistics, the eval-mode importance-weighted
+log-likelihood (K = 4 with ``eps_eval_<k G + g>`` and the BN statistics of
+``bn_after_train_fwd.npz``) and the gradient of nelbo_loss w.r.t. every parameter (mapped back to
+the original names).
+
+Errors are relative in the 2-norm, ||ours - ref|| / ||ref||, except for the quantities that are
+exactly zero in exact arithmetic, whose fixture values are float32 round-off (relative errors of
+order 1 between two round-offs mean nothing).  These are the places where a batch norm follows
+through linear maps only, and batch norm removes per-channel shifts and scales:
+
+* the gradients of ``bias`` and ``log_weight_norm`` of the first conv of every BN-Swish-conv cell
+  (``_ops.0.conv_0``, followed by the BN of ``_ops.1``), measured against the norm of the
+  gradient of the same conv's ``weight``;
+* the gradient of the input BN's ``bias`` of every MBConv cell (followed by the bias-free 1x1
+  expansion conv and a BN), measured against the norm of the gradient of the same BN's ``weight``;
+* the running mean of the BN after that expansion conv (its input has zero batch mean), measured
+  against momentum * ||batch standard deviation|| recovered from the reference running variance.
+
+Tolerances: ``--tolerance`` for the forward quantities, ``--grad_tolerance`` for gradients.
+
+The spectral regulariser: the fixture's u, v are the vectors *after* the step's power iterations
+and the original evaluates sigma = u^T W v with exactly those vectors, so ``norm_loss`` is
+reproduced by loading them as the ``'spectral'`` state and running 0 further iterations.
+``norm_loss_exact`` (exact top singular values) is compared with the exact singular values of the
+same effective kernels (the power iteration is ~0.2 % below it).
+
+Exit status: 0 when every quantity is within tolerance, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+# The fixtures' schedule position (fixture README: global_step 100 of total_iter 10000).
+GLOBAL_STEP = 100
+TOTAL_ITER = 10_000
+
+_DATASETS = {
+    'mnist': dict(name='mnist', channels=1, pad=2, binarize='dynamic'),
+    'cifar10': dict(name='cifar10', channels=3, pad=0, binarize='none'),
+}
+_MODEL_ARGS = ('num_channels_enc', 'num_channels_dec', 'num_preprocess_blocks',
+               'num_preprocess_cells', 'num_postprocess_blocks', 'num_postprocess_cells',
+               'num_latent_scales', 'num_groups_per_scale', 'num_latent_per_group',
+               'num_cell_per_cond_enc', 'num_cell_per_cond_dec', 'ada_groups',
+               'min_groups_per_scale', 'use_se', 'res_dist', 'num_nf', 'num_mixture_dec',
+               'kl_anneal_portion', 'kl_const_portion', 'kl_const_coeff', 'weight_decay_norm',
+               'weight_decay_norm_init', 'weight_decay_norm_anneal')
+
+
+def config_from_fixture_args(args: dict[str, Any], depthwise_impl: str = 'auto'):
+  """An nvae_jax config for a fixture's ``summary.json`` ``args`` (faithful DML likelihood)."""
+  try:
+    from configs import common  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError('check_reference needs the project\'s configs/ package; run it from the '
+                      'project root (python -m nvae_jax.convert.check_reference DIR)') from e
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  missing = [k for k in _MODEL_ARGS + ('dataset', 'num_x_bits') if k not in args]
+  if missing:
+    raise ValueError(f'summary.json args: missing {missing}')
+  if args.get('arch_instance', 'res_mbconv') != 'res_mbconv':
+    raise ValueError(f'summary.json args.arch_instance: only res_mbconv is implemented, got '
+                     f'{args["arch_instance"]!r}')
+  if args['dataset'] not in _DATASETS:
+    raise ValueError(f'summary.json args.dataset: expected one of {sorted(_DATASETS)}, got '
+                     f'{args["dataset"]!r}')
+  c = common.base_config()
+  model = {k: args[k] for k in _MODEL_ARGS}
+  model.update(name='nvae', decoder='auto', faithful_dml=True, depthwise_impl=depthwise_impl,
+               total_steps=TOTAL_ITER)
+  c.model = ml_collections.ConfigDict(model)
+  for k, v in _DATASETS[args['dataset']].items():
+    c.data[k] = v
+  c.data.num_bits = int(args['num_x_bits'])
+  c.train.num_steps = TOTAL_ITER
+  return c
+
+
+def rel_err(ours, ref) -> float:
+  """||ours - ref|| / ||ref|| in float64 (absolute when ref is all zeros)."""
+  ours = np.asarray(ours, np.float64)
+  ref = np.asarray(ref, np.float64)
+  if ours.shape != ref.shape:
+    raise ValueError(f'shape mismatch: ours {ours.shape}, reference {ref.shape}')
+  den = np.linalg.norm(ref.ravel())
+  num = np.linalg.norm((ours - ref).ravel())
+  return float(num / den) if den > 0 else float(num)
+
+
+def _nchw_to_nhwc(a):
+  return np.transpose(np.asarray(a), (0, 2, 3, 1))
+
+
+def run_check(folder: str, depthwise_impl: str = 'auto') -> list[dict[str, Any]]:
+  """Replays the fixture in ``folder``; returns records {name, kind, err, ...} (see docstring)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from nvae_jax.convert import from_torch_names as ftn  # pylint: disable=import-outside-toplevel
+  from nvae_jax.models.nvae import NVAETask, importance_weighted_nll  # pylint: disable=import-outside-toplevel
+  from nvae_jax.objectives import kernel_matrix  # pylint: disable=import-outside-toplevel
+
+  with open(os.path.join(folder, 'summary.json')) as f:
+    summary = json.load(f)
+  io = dict(np.load(os.path.join(folder, 'io.npz')))
+  state_dict = dict(np.load(os.path.join(folder, 'params.npz')))
+  grads_ref = dict(np.load(os.path.join(folder, 'grads.npz')))
+  sr = dict(np.load(os.path.join(folder, 'sr.npz')))
+  bn_ref = dict(np.load(os.path.join(folder, 'bn_after_train_fwd.npz')))
+
+  config = config_from_fixture_args(summary['args'], depthwise_impl)
+  task = NVAETask(config)
+  x = jnp.asarray(_nchw_to_nhwc(io['x']), jnp.float32)
+  num_groups = io['kl_all'].shape[1]
+  eps = [jnp.asarray(_nchw_to_nhwc(io[f'eps_{g}'])) for g in range(num_groups)]
+  template = jax.eval_shape(task.init, jax.random.key(0), {'image': x})
+  conv = ftn.convert_state_dict(state_dict, template, strict=True)
+  params = jax.tree.map(jnp.asarray, conv.variables['params'])
+  batch_stats = jax.tree.map(jnp.asarray, conv.variables['batch_stats'])
+  spectral = jax.tree.map(jnp.asarray, ftn.spectral_state_from_sr(sr, params))
+
+  with jax.default_matmul_precision('highest'):
+
+    @jax.jit
+    def train_step(params):
+      def nelbo(p):
+        variables = {'params': p, 'batch_stats': batch_stats, 'spectral': spectral}
+        _, aux = task.objective(variables, x, None, GLOBAL_STEP, eps=eps, spectral_iters=0)
+        return aux['nelbo_loss'], aux
+      return jax.grad(nelbo, has_aux=True)(params)
+
+    grads, aux = train_step(params)
+
+    eval_vars = ftn.convert_state_dict({**state_dict, **bn_ref}, template, strict=True).variables
+    eval_vars = jax.tree.map(jnp.asarray, {'params': eval_vars['params'],
+                                           'batch_stats': eval_vars['batch_stats']})
+
+    @jax.jit
+    def eval_forward(eps_k):
+      out, _ = task.forward(eval_vars, x, False, eps=eps_k)
+      return -out['recon'] - out['log_q'] + out['log_p']
+
+    num_iw = len([k for k in io if k.startswith('eps_eval_')]) // num_groups
+    log_w = jnp.stack([eval_forward([jnp.asarray(_nchw_to_nhwc(io[f'eps_eval_{k * num_groups + g}']))
+                                     for g in range(num_groups)]) for k in range(num_iw)])
+    iw_log_px = -importance_weighted_nll(log_w)
+
+  out = aux['out']
+  records = []
+
+  def add(name, ours, ref, kind='forward', scale=None):
+    ref_norm = float(np.linalg.norm(np.asarray(ref, np.float64).ravel()))
+    rec = dict(name=name, kind=kind, ref_norm=ref_norm)
+    if scale is None:
+      rec['err'] = rel_err(ours, ref)
+    else:  # a structural zero: absolute error against the layer's scale
+      diff = np.asarray(ours, np.float64) - np.asarray(ref, np.float64)
+      rec['err'] = float(np.linalg.norm(diff.ravel()) / scale)
+      rec['scale'] = float(scale)
+    records.append(rec)
+
+  key_to_flax = {key: target for target, (key, _) in conv.names.items()}
+
+  def structural_zero_scale(key, ref_dict):
+    """The comparison scale of a structurally-zero quantity (module docstring), else None."""
+    target = key_to_flax.get(key)
+    if target is None:
+      return None
+    col, path = target[0], target[1:]
+    if col == 'params' and path[-2:] in (('conv_0', 'bias'), ('conv_0', 'log_weight_norm')):
+      ref_key = conv.names[('params',) + path[:-1] + ('kernel',)][0]
+      return float(np.linalg.norm(ref_dict[ref_key]))
+    if col == 'params' and path[-2:] == ('bn_in', 'bias'):
+      ref_key = conv.names[('params',) + path[:-1] + ('scale',)][0]
+      return float(np.linalg.norm(ref_dict[ref_key]))
+    if col == 'batch_stats' and path[-2:] == ('bn_expand', 'mean'):
+      var = ref_dict[conv.names[('batch_stats',) + path[:-1] + ('var',)][0]]
+      m = 0.05
+      return float(m * np.linalg.norm(np.sqrt(np.maximum(var - (1 - m), 0) / m)))
+    return None
+
+  add('logits', out['net_out'], _nchw_to_nhwc(io['logits']))
+  for name in ('log_q', 'log_p', 'kl_all', 'recon'):
+    add(name, out[name], io[name])
+  add('kl_diag', out['kl_diag'], np.stack([io[f'kl_diag_{g}'] for g in range(num_groups)]))
+  add('balanced_kl', aux['balanced_kl'], io['balanced_kl'])
+  add('kl_coeffs', aux['gamma'], io['kl_coeffs'])
+  add('alpha_i', aux['alpha'], io['alpha_i'])
+  add('kl_coeff', aux['beta'], io['kl_coeff'])
+  add('nelbo_loss', aux['nelbo_loss'], io['nelbo_loss'])
+  add('norm_loss', aux['norm_loss'], io['norm_loss'])
+  exact = sum(np.linalg.svd(np.asarray(kernel_matrix(k), np.float64), compute_uv=False)[0]
+              for k in jax.tree.leaves(aux['conv_kernels']))
+  add('norm_loss_exact', exact, io['norm_loss_exact'])
+  add('bn_loss', aux['bn_loss'], io['bn_loss'])
+  add('wdn_coeff', aux['wdn_coeff'], io['wdn_coeff'])
+  total = aux['nelbo_loss'] + aux['wdn_coeff'] * (aux['norm_loss'] + aux['bn_loss'])
+  add('total_loss', total, io['total_loss'])
+  add('iw_log_px', iw_log_px, io['iw_log_px'])
+
+  bn_ours = ftn.to_torch_names(aux['batch_stats'], conv.names, 'batch_stats')
+  bn_keys = [k for k in bn_ref if k.endswith(('running_mean', 'running_var'))]
+  missing = sorted(set(bn_keys) - set(bn_ours))
+  if missing:
+    raise ValueError(f'BN statistics not produced by the model: {missing}')
+  for k in sorted(bn_keys):
+    add(f'bn:{k}', bn_ours[k], bn_ref[k], kind='bn_stats', scale=structural_zero_scale(k, bn_ref))
+
+  g_ours = ftn.to_torch_names(grads, conv.names, 'params')
+  missing = sorted(set(grads_ref) - set(g_ours))
+  extra = sorted(set(g_ours) - set(grads_ref))
+  if missing or extra:
+    raise ValueError(f'gradients: reference keys without a model parameter {missing}; model '
+                     f'parameters without a reference gradient {extra}')
+  for k in sorted(grads_ref):
+    add(f'grad:{k}', g_ours[k], grads_ref[k], kind='grad',
+        scale=structural_zero_scale(k, grads_ref))
+  return records
+
+
+def evaluate_records(records, tolerance: float, grad_tolerance: float):
+  """Marks each record with its tolerance and ``ok``; returns (records, all_ok)."""
+  ok = True
+  for r in records:
+    r['tol'] = grad_tolerance if r['kind'] == 'grad' else tolerance
+    r['ok'] = bool(np.isfinite(r['err']) and r['err'] <= r['tol'])
+    ok &= r['ok']
+  return records, ok
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('folder', nargs='+', help='fixture folder(s)')
+  parser.add_argument('--tolerance', type=float, default=1e-5,
+                      help='relative tolerance of forward quantities and BN statistics')
+  parser.add_argument('--grad_tolerance', type=float, default=1e-4,
+                      help='relative tolerance of gradients')
+  parser.add_argument('--depthwise_impl', default='auto', choices=('auto', 'lax', 'shift'))
+  parser.add_argument('--json', action='store_true', help='print JSON lines instead of a table')
+  parser.add_argument('--all', action='store_true',
+                      help='list every gradient and BN statistic (default: the worst of each kind)')
+  args = parser.parse_args(argv)
+  all_ok = True
+  for folder in args.folder:
+    records, ok = evaluate_records(run_check(folder, args.depthwise_impl), args.tolerance,
+                                   args.grad_tolerance)
+    all_ok &= ok
+    shown = records
+    if not args.all:
+      shown = [r for r in records if r['kind'] == 'forward' or not r['ok']]
+      for kind in ('bn_stats', 'grad'):
+        sub = [r for r in records if r['kind'] == kind]
+        if sub:
+          worst = max(sub, key=lambda r: r['err'])
+          shown.append(dict(worst, name=f'{kind} (worst of {len(sub)}: {worst["name"]})'))
+    name = os.path.basename(os.path.normpath(folder))
+    if args.json:
+      for r in shown:
+        print(json.dumps(dict(fixture=name, **r)))
+    else:
+      print(f'== {name}: {"OK" if ok else "FAILED"}')
+      for r in shown:
+        print(f'  {"ok  " if r["ok"] else "FAIL"} {r["err"]:10.3e} (tol {r["tol"]:.0e})  '
+              f'{r["name"]}')
+  return 0 if all_ok else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
