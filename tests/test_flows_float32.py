@@ -40,6 +40,15 @@ def _key(seed):
   # 'rbg' keys compile several times faster than threefry ones on CPU; compile time dominates.
   return jax.random.key(seed, impl='rbg')
 
+# XLA's backend optimisations cost more compile time than these tiny graphs ever run.
+_FAST_COMPILE = {'xla_backend_optimization_level': 0}
+
+
+def _jit(fn=None, **kwargs):
+  if fn is None:
+    return functools.partial(_jit, **kwargs)
+  return jax.jit(fn, compiler_options=_FAST_COMPILE, **kwargs)
+
 
 def _data(seed):
   rng = np.random.default_rng(seed)
@@ -48,7 +57,7 @@ def _data(seed):
   return x, z
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@_jit(static_argnums=(0, 1))
 def _evaluate(layer, scale, key, x, z):
   k_init, k_perturb = jax.random.split(key)
   variables = layer.init(k_init, x)
@@ -95,8 +104,8 @@ def test_actnorm_data_dependent_init():
   x, _ = _data(1)
   x = x * jnp.asarray([0.1, 1.0, 3.0, 10.0]) + jnp.asarray([-5.0, 0.0, 2.0, 7.0])
   layer = ActNorm()
-  variables = jax.jit(layer.init)(_key(0), x)
-  y, ld = jax.jit(layer.apply)(variables, x)
+  variables = _jit(layer.init)(_key(0), x)
+  y, ld = _jit(layer.apply)(variables, x)
   np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-5)
   np.testing.assert_allclose(jnp.std(y, axis=(0, 1, 2)), 1.0, rtol=5e-5)
   # log-det = H W sum(log scale) = -H W sum(log std) of the initialising batch.

@@ -30,6 +30,15 @@ def _key(seed):
   # 'rbg' keys compile several times faster than threefry ones on CPU; compile time dominates.
   return jax.random.key(seed, impl='rbg')
 
+# XLA's backend optimisations cost more compile time than these tiny graphs ever run.
+_FAST_COMPILE = {'xla_backend_optimization_level': 0}
+
+
+def _jit(fn=None, **kwargs):
+  if fn is None:
+    return functools.partial(_jit, **kwargs)
+  return jax.jit(fn, compiler_options=_FAST_COMPILE, **kwargs)
+
 
 @pytest.fixture(scope='module', autouse=True)
 def _enable_x64():
@@ -72,16 +81,18 @@ def _data(shape, seed):
   return x, z
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init(layer, scale, key, x):
-  """Initialised (ActNorm: from x) then randomly perturbed float64 variables, in one compile."""
+def _init_variables(layer, scale, key, x):
+  """Initialised (ActNorm: from x) then randomly perturbed float64 variables."""
   k_init, k_perturb = jax.random.split(key)
   return _perturb(layer.init(k_init, x), k_perturb, scale)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+_init = _jit(_init_variables, static_argnums=(0, 1))
+
+
+@_jit(static_argnums=(0, 1))
 def _evaluate(layer, scale, key, x, z):
-  variables = _init(layer, scale, key, x)
+  variables = _init_variables(layer, scale, key, x)
 
   def fwd(v):
     return layer.apply(variables, v.reshape((1,) + x.shape[1:]))[0].ravel()
@@ -118,9 +129,10 @@ def test_logdet_and_round_trips(case):
 
 
 # Gradient checks (each costs a forward+backward compile) on the non-trivial paths: the plain
-# slogdet, PLU and QR inside the emerging layers, both scan inverses with k = 3 and 5 and
-# dilation 2, the complex slogdet and per-frequency solve of the periodic convolution.
-GRAD_CASES = [CASES[i] for i in (0, 1, 6, 7, 11)]
+# slogdet, PLU and QR 1x1s inside the emerging layers, the scan inverse with k = 3 and 5 and
+# dilation 1 and 2, the complex slogdet and per-frequency solve of the periodic convolution.
+# ActNorm's gradients are those of an elementwise affine map.
+GRAD_CASES = [CASES[i] for i in (5, 6, 7, 11)]
 
 
 @pytest.mark.parametrize('case', GRAD_CASES, ids=[c[0] for c in GRAD_CASES])

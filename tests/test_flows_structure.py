@@ -30,6 +30,15 @@ def _key(seed):
   # 'rbg' keys compile several times faster than threefry ones on CPU; compile time dominates.
   return jax.random.key(seed, impl='rbg')
 
+# XLA's backend optimisations cost more compile time than these tiny graphs ever run.
+_FAST_COMPILE = {'xla_backend_optimization_level': 0}
+
+
+def _jit(fn=None, **kwargs):
+  if fn is None:
+    return functools.partial(_jit, **kwargs)
+  return jax.jit(fn, compiler_options=_FAST_COMPILE, **kwargs)
+
 
 def _randomise(variables, seed, scale=1.0):
   """Adds N(0, scale^2) to every parameter (works on ``jax.eval_shape`` structs too, as zeros)."""
@@ -62,7 +71,7 @@ def _order(h, w, c, reverse_raster, channels_descending):
   return np.array([(i * w + j) * c + ch for i, j in pixels for ch in channels])
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@_jit(static_argnums=0)
 def _jacobian(layer, variables, x):
   f = lambda v: layer.apply(variables, v.reshape(x.shape))[0].ravel()
   return jax.jacfwd(f)(x.ravel())
@@ -112,7 +121,7 @@ def test_periodic_equals_wrap_padded_conv(k, shape):
   layer = PeriodicConv(k)
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2,) + shape), jnp.float32)
   variables = _randomise(jax.eval_shape(layer.init, _key(0), x), seed=2, scale=0.3)
-  y, _ = jax.jit(layer.apply)(variables, x)
+  y, _ = _jit(layer.apply)(variables, x)
   p = variables['params']
   np.testing.assert_allclose(y, _wrap_conv(x, p['kernel'], p['bias']), rtol=0, atol=2e-5)
 
@@ -131,7 +140,7 @@ def test_periodic_rfft_logdet_equals_full_spectrum(h, w):
   np.testing.assert_allclose(float(ours), reference, rtol=2e-6)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@_jit(static_argnums=0)
 def _inverses(layer, variables, y):
   """Wavefront inverse, naive inverse, dense Jacobian and offset f(0) of the affine layer."""
   x_scan, _ = layer.apply(variables, y, reverse=True)
@@ -145,7 +154,7 @@ def _inverses(layer, variables, y):
 def test_scan_inverse_equals_dense_solve_and_naive(k, d, shape):
   layer = EmergingConv(k, d)
   y = jnp.asarray(np.random.default_rng(4).standard_normal((2,) + shape), jnp.float32)
-  variables = _randomise(jax.jit(layer.init)(_key(0), y), seed=5, scale=0.3)
+  variables = _randomise(_jit(layer.init)(_key(0), y), seed=5, scale=0.3)
   x_scan, x_naive, jac, offset = _inverses(layer, variables, y)
   # The layer is affine, y = J x + f(0): solve densely in float64.
   rhs = np.asarray(y, np.float64).reshape(2, -1) - np.asarray(offset, np.float64)
