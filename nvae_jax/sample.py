@@ -30,11 +30,19 @@ def grid_layout(num: int, cols: int | None = None) -> tuple[int, int]:
 
 
 def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 1,
-              pad_value: float = 1.0) -> np.ndarray:
-  """Tiles ``[N, H, W, C]`` images in [0, 1] into one uint8 ``[rows*(H+pad)-pad, ..., C]`` image."""
+              pad_value: float = 1.0, scale: int = 1) -> np.ndarray:
+  """Tiles ``[N, H, W, C]`` images in [0, 1] into one uint8 ``[rows*(sH+pad)-pad, ..., C]`` image.
+
+  ``scale`` repeats every pixel ``scale x scale`` times (nearest neighbour) before tiling, so that
+  small images stay visible.
+  """
   images = np.asarray(images, np.float32)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise ValueError(f'images: expected [N, H, W, C] with C in (1, 3), found {images.shape}')
+  if int(scale) < 1:
+    raise ValueError(f'scale: expected a positive int, got {scale}')
+  if scale > 1:
+    images = images.repeat(int(scale), axis=1).repeat(int(scale), axis=2)
   n, h, w, c = images.shape
   rows, cols = grid_layout(n, cols)
   grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, c), pad_value, np.float32)
@@ -54,9 +62,18 @@ def save_png(path: str, grid: np.ndarray) -> str:
   return path
 
 
-def write_grid(path: str, images: np.ndarray, cols: int | None = None) -> str:
-  """``save_png(path, make_grid(images, cols))``."""
-  return save_png(path, make_grid(images, cols))
+def display_scale(image_side: int, target: int = 32) -> int:
+  """The pixel repetition that shows ``image_side``-pixel images at least ``target`` pixels wide."""
+  return max(1, -(-int(target) // max(1, int(image_side))))
+
+
+def write_grid(path: str, images: np.ndarray, cols: int | None = None,
+               scale: int | None = None) -> str:
+  """``save_png(path, make_grid(images, cols, scale=...))``; ``scale`` defaults to
+  :func:`display_scale` of the image height."""
+  images = np.asarray(images)
+  scale = display_scale(images.shape[1]) if scale is None else scale
+  return save_png(path, make_grid(images, cols, scale=scale))
 
 
 def make_sampler(task, mesh, variables_sharding, num: int, temperature: float) -> Callable:

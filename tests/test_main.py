@@ -101,7 +101,7 @@ def test_sample_writes_a_grid(trained, config_file, capsys):
   (r,) = _json_lines(capsys.readouterr().out)
   assert r == {'path': out, 'num': 6, 'temperature': 0.8, 'step': 1}
   grid = np.asarray(Image.open(out))
-  assert grid.shape == (2 * 17 - 1, 3 * 17 - 1)  # 6 samples of 16x16 on 2 x 3 tiles
+  assert grid.shape == (2 * 33 - 1, 3 * 33 - 1)  # 6 samples of 16x16 shown 2x, 2 x 3 tiles
 
 
 def test_describe_counts_parameters_without_training(config_file, capsys):

@@ -110,9 +110,12 @@ def test_workdir_outputs(runs):
   for name in ('samples.png', 'recon.png', 'samples_step6.png', 'recon_step6.png'):
     assert os.path.exists(os.path.join(a, name)), name
   samples = np.asarray(Image.open(os.path.join(a, 'samples.png')))
-  assert samples.shape == (3 * 9 - 1, 3 * 9 - 1)  # 8 images -> 3x3 tiles of 8 + 1 pixel gap
+  # 8 images -> 3x3 tiles of 8 pixels shown 4x (32) + 1 pixel gaps
+  assert samples.shape == (3 * 33 - 1, 3 * 33 - 1)
   recon = np.asarray(Image.open(os.path.join(a, 'recon.png')))
-  assert recon.shape == (6 * 9 - 1, 3 * 9 - 1)  # 3 rows of originals interleaved with recons
+  assert recon.shape == (6 * 33 - 1, 3 * 33 - 1)  # 3 rows of originals interleaved with recons
+  # row 0 holds eval images, row 1 their reconstructions (in [0, 1], not identical)
+  assert 0 < np.abs(recon[:32].astype(int) - recon[33:65].astype(int)).mean() < 128
   assert any(f.startswith('events') for f in os.listdir(os.path.join(a, 'tb')))
 
 

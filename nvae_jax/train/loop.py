@@ -195,6 +195,8 @@ def train_and_evaluate(config, workdir: str, *, task=None,
   sample_key = state_lib.stream_key(c.seed, state_lib.SAMPLE_STREAM)
   recon_batch = None
 
+  data_kind = f'{c.data.num_bits}-bit' if c.data.binarize == 'none' else 'binarised'
+
   def run_eval(step: int) -> dict[str, Any]:
     pipe = make_pipe(c.data.eval_split, False)
     report = eval_lib.evaluate_split(
@@ -204,7 +206,7 @@ def train_and_evaluate(config, workdir: str, *, task=None,
     writer.write(step, 'eval', {k: v for k, v in report.items() if k != 'split'})
     writer.print(f'eval at step {step} on {report["num_examples"]} {c.data.eval_split} examples: '
                  f'{report["nats_per_image"]:.3f} nats/image, {report["bits_per_dim"]:.4f} '
-                 f'bits/dim ({c.data.num_bits}-bit data'
+                 f'bits/dim ({data_kind} data'
                  + (', continuous density)' if continuous else ')'))
     return report
 
@@ -223,7 +225,8 @@ def train_and_evaluate(config, workdir: str, *, task=None,
     _, cols = sample_lib.grid_layout(n)
     for name, images, ncols in (('samples', samples, None),
                                 ('recon', sample_lib.pair_rows(originals, recons[:n], cols), cols)):
-      grid = sample_lib.make_grid(images, ncols)
+      grid = sample_lib.make_grid(images, ncols,
+                                  scale=sample_lib.display_scale(images.shape[1]))
       sample_lib.save_png(os.path.join(workdir, f'{name}_step{step}.png'), grid)
       sample_lib.save_png(os.path.join(workdir, f'{name}.png'), grid)
 
