@@ -102,7 +102,6 @@ def test_parse_errors(tmp_path):
 @pytest.fixture(scope='module')
 def abstract():
   """Abstract variables of every published architecture (FFHQ shares CelebA-HQ's)."""
-  pytest.importorskip('nvae_jax.models.nvae')
   return {name: ok.abstract_variables(ok.load_published_config(name))
           for name in ok.PUBLISHED if name != 'ffhq256'}
 
