@@ -59,7 +59,7 @@ import numpy as np
 from jax import lax
 
 from nvae_jax.flows.conv1x1 import (HIGHEST, VARIANTS, Conv1x1, batch_logdet, check_nhwc,
-                                    compute_dtype, solve_row)
+                                    compute_dtype, triangular_inverse)
 
 DILATIONS = (1, 2)
 INVERSE_ALGORITHMS = ('wavefront', 'naive')
@@ -106,39 +106,68 @@ def wavefront_index(height: int, width: int, dilation: int = 1) -> np.ndarray:
   return (np.arange(height) // dilation)[:, None] + (np.arange(width) // dilation)[None, :]
 
 
+def wavefronts(height: int, width: int, dilation: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Row and column indices [T, P] of the pixels of each wavefront t = 0..T-1.
+
+  Wavefronts shorter than the longest (P pixels) are padded with the out-of-image pixel
+  (height, width), which reads as zero and whose writes are dropped.
+  """
+  t_map = wavefront_index(height, width, dilation)
+  num_steps = int(t_map.max()) + 1
+  longest = int(np.bincount(t_map.ravel()).max())
+  rows = np.full((num_steps, longest), height, np.int32)
+  cols = np.full((num_steps, longest), width, np.int32)
+  for t in range(num_steps):
+    i, j = np.nonzero(t_map == t)
+    rows[t, :len(i)], cols[t, :len(j)] = i, j
+  return rows, cols
+
+
+def _solve_pixels(y, x, rows, cols, kernel, centre_inverse, dilation):
+  """Solves L(x) = y at the pixels (rows, cols) [P], given x at every pixel they depend on."""
+  taps = np.arange(kernel.shape[0]) * dilation
+  near_rows = rows[:, None, None] + taps[None, :, None]  # [P, l+1, l+1]
+  near_cols = cols[:, None, None] + taps[None, None, :]
+  window = x.at[:, near_rows, near_cols, :].get(mode='fill', fill_value=0)  # [B, P, l+1, l+1, C]
+  off_centre = kernel.at[0, 0].set(0)
+  target = y.at[:, rows, cols, :].get(mode='fill', fill_value=0)  # [B, P, C]
+  residual = target - jnp.einsum('bnpqc,pqco->bno', window, off_centre, precision=HIGHEST)
+  solved = jnp.einsum('bnc,co->bno', residual, centre_inverse, precision=HIGHEST)
+  return x.at[:, rows, cols, :].set(solved, mode='drop')
+
+
 def ar_conv_inverse(y: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
   """Solves ``ar_conv(x, kernel, dilation) = y`` for x, one anti-diagonal wavefront per step.
 
-  ``lax.scan`` over T = (H-1)//d + (W-1)//d + 1 wavefronts, each step one convolution and one
-  triangular solve over all pixels (the result is kept on the current wavefront only).
+  ``lax.scan`` over the T = (H-1)//d + (W-1)//d + 1 wavefronts from the last to the first; each
+  step gathers the (l+1) x (l+1) neighbourhoods of the wavefront's pixels (all solved at earlier
+  steps), forms the residual and solves the pixels' triangular C x C systems at once.  Total work
+  O(B H W C^2 (l+1)^2), about one forward convolution, in T sequential steps.
   """
   _, h, w, _ = y.shape
-  centre = kernel[0, 0]
-  off_centre = kernel.at[0, 0].set(0)
-  t_map = wavefront_index(h, w, dilation)
-  num_steps = int(t_map.max()) + 1
-  t_map = jnp.asarray(t_map)[None, :, :, None]
+  rows, cols = wavefronts(h, w, dilation)
+  centre_inverse = triangular_inverse(kernel[0, 0], lower=False)
 
-  def step(x, t):
-    residual = y - ar_conv(x, off_centre, dilation)
-    solved = solve_row(centre, residual, lower=False)  # x[i, j] @ centre = residual[i, j]
-    return jnp.where(t_map == t, solved, x), None
+  def step(x, idx):
+    return _solve_pixels(y, x, idx[0], idx[1], kernel, centre_inverse, dilation), None
 
-  x, _ = lax.scan(step, jnp.zeros_like(y), jnp.arange(num_steps - 1, -1, -1))
+  xs = jnp.asarray(np.stack([rows, cols], axis=1)[::-1].copy())  # [T, 2, P], last wavefront first
+  x, _ = lax.scan(step, jnp.zeros_like(y), xs)
   return x
 
 
 def ar_conv_naive_inverse(y: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
   """Solves ``ar_conv(x, kernel, dilation) = y`` pixel by pixel in reverse raster order.
 
-  ``lax.scan`` over the H W pixels (bottom row first, right to left), each step gathering the
-  (l+1) x (l+1) dilated neighbourhood and solving the C x C triangular system of the pixel.
+  ``lax.scan`` over the H W pixels (bottom row first, right to left), each step slicing the
+  (l+1) x (l+1) dilated neighbourhood out of a zero-padded copy and solving the pixel's C x C
+  triangular system.  O(B H W C^2 (l+1)^2) work in H W sequential steps.
   """
   b, h, w, c = y.shape
   size = kernel.shape[0]
   pad = (size - 1) * dilation
-  centre = kernel[0, 0]
   off_centre = kernel.at[0, 0].set(0)
+  centre_inverse = triangular_inverse(kernel[0, 0], lower=False)
 
   def step(x_pad, n):
     i = h - 1 - n // w
@@ -147,7 +176,7 @@ def ar_conv_naive_inverse(y: jax.Array, kernel: jax.Array, dilation: int = 1) ->
     window = window[:, ::dilation, ::dilation, :]
     target = lax.dynamic_slice(y, (0, i, j, 0), (b, 1, 1, c))[:, 0, 0, :]
     residual = target - jnp.einsum('bpqc,pqco->bo', window, off_centre, precision=HIGHEST)
-    solved = solve_row(centre, residual, lower=False)
+    solved = jnp.dot(residual, centre_inverse, precision=HIGHEST)
     return lax.dynamic_update_slice(x_pad, solved[:, None, None, :], (0, i, j, 0)), None
 
   x_pad = jnp.zeros((b, h + pad, w + pad, c), y.dtype)
