@@ -36,10 +36,12 @@ larger wavefront index t(i, j) = i // d + j // d (a tap (p, q) != (0, 0) moves t
 plus its own pixel through the triangular centre matrix.  Pixels with the same t therefore never
 depend on each other, for any dilation, and the inverse is a ``lax.scan`` over
 t = T-1, ..., 0 (T = (H-1)//d + (W-1)//d + 1, i.e. H + W - 1 steps for d = 1 and about half as many
-for d = 2, instead of H W C for the naive element-by-element solve).  Each step computes the
-residual r = y - L_offcentre(x) with one convolution, solves x Q[0,0] = r by a triangular solve
-(vectorised over batch and pixels) and keeps the result on the wavefront t.  Cost: T convolutions,
-O(T B H W C^2 (l+1)^2), with T sequential steps.  R is inverted by flipping.  ``naive_inverse``
+for d = 2, instead of H W C for the naive element-by-element solve).  Each step gathers the
+(l+1) x (l+1) neighbourhoods of the wavefront's pixels (zero outside the image), forms the
+residual r = y - (off-centre taps applied to the already solved pixels) and solves the pixels'
+triangular systems x Q[0,0] = r at once, vectorised over batch and pixels, by a product with
+Q[0,0]^{-1} (one C x C triangular solve per call).  Total work O(B H W C^2 (l+1)^2), about one
+forward convolution, in T sequential steps.  R is inverted by flipping.  ``naive_inverse``
 (``inverse_algorithm='naive'``) is the per-pixel raster-order solve with H W sequential steps,
 kept as a benchmark baseline and test oracle.
 
