@@ -229,11 +229,6 @@ def _check_choice(value, field: str, choices: Sequence[str]) -> str:
   return value
 
 
-_NATIVE_SIZES = {'mnist': 28, 'fashion_mnist': 28, 'binarized_mnist': 28, 'cifar10': 32,
-                 'downsampled_imagenet/32x32': 32, 'downsampled_imagenet/64x64': 64,
-                 'digits': 8}
-
-
 @register('glow')
 class GlowTask:
   """The :class:`nvae_jax.models.base.ModelTask` of the multi-scale flow (module docstring).
@@ -286,14 +281,13 @@ class GlowTask:
   # -- shapes -----------------------------------------------------------------------------------
 
   def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the model's images: ``config.data.image_size`` square when set (no data
+    access), else the data pipeline's native size plus padding."""
     d = self.config.data
-    size = d.image_size
-    if not size:
-      if d.name not in _NATIVE_SIZES:
-        raise ValueError(f'config.data.image_size: 0 (native size) is not known for dataset '
-                         f'{d.name!r}; set it explicitly')
-      size = _NATIVE_SIZES[d.name] + 2 * d.pad
-    return (size, size, d.channels)
+    if d.image_size:
+      return (d.image_size, d.image_size, d.channels)
+    from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
+    return tuple(int(s) for s in image_shape(d))
 
   def _check_batch(self, x: jax.Array) -> None:
     if x.ndim != 4:
