@@ -22,14 +22,16 @@ result is summed over H, W in float32.
 
 Two modes:
 
-* ``faithful=False`` (default), corrected: the lowest bin is y < -1 + h and the highest
-  y > 1 - h (thresholds relative to the bin width, so only k = 0 and k = 2**bits - 1 take the
-  tails) and the interior bins use the exact, stable identity
+* ``faithful=False`` (default), corrected: x is mapped to its level k = round(x (2**bits - 1));
+  only k = 0 takes the lower tail and only k = 2**bits - 1 the upper one (the thresholds sit half
+  a bin inside [-1, 1]); the bin edges are computed from the integer 2k +- 1, so the upper edge
+  of bin k and the lower edge of bin k + 1 are the same float32 number and the masses telescope;
+  and the interior bins use the exact, stable identity
 
       log(F(b) - F(a)) = log F(b) + log(1 - F(a)) + log(1 - exp(-(b - a))),
 
-  which needs no small-probability fallback, so every channel's pmf sums to 1 over the
-  2**bits values up to float round-off.
+  which needs no small-probability fallback.  Every channel's pmf thus sums to 1 over the
+  2**bits values up to float32 round-off of the individual terms (~1e-6).
 * ``faithful=True`` reproduces the original NVAE code, quirks included: the upper tail is used
   for y > 0.99 and the lower tail for y < -0.999, otherwise log(max(cdf_delta, 1e-10)) when
   cdf_delta > 1e-5 and log pdf(y) - log((2**bits - 1) / 2) below that.  For 8 bits the value 254
@@ -58,13 +60,16 @@ from nvae_jax.distributions import _common
 _LOG_SCALE_MIN = -7.0
 
 
-def _log1mexp(d: jax.Array, log_d: jax.Array) -> jax.Array:
-  """log(1 - exp(-d)) for d > 0, stable and with finite gradients down to d -> 0."""
-  small = d < 1e-4
+def _log1mexp(d: jax.Array) -> jax.Array:
+  """log(1 - exp(-d)) for d > 0, stable, with finite gradients (Maechler's two branches).
+
+  Each branch only sees arguments where it is finite, so that the branch ``where`` does not
+  select is not an inf whose zero cotangent would turn into NaN.
+  """
+  small = d < math.log(2.0)
+  d_small = jnp.where(small, d, 1.0)
   d_big = jnp.where(small, 1.0, d)
-  big = jnp.where(d_big < math.log(2.0), jnp.log(-jnp.expm1(-d_big)),
-                  jnp.log1p(-jnp.exp(-d_big)))
-  return jnp.where(small, log_d - 0.5 * d, big)
+  return jnp.where(small, jnp.log(-jnp.expm1(-d_small)), jnp.log1p(-jnp.exp(-d_big)))
 
 
 class LogisticMixture(nn.Module):
@@ -117,35 +122,43 @@ class LogisticMixture(nn.Module):
     mean_b = means[..., 2, :] + coeffs[..., 1, :] * y[..., 0, :] + coeffs[..., 2, :] * y[..., 1, :]
     return jnp.stack([mean_r, mean_g, mean_b], axis=-2)
 
-  def _channel_log_probs(self, y, mean, log_scale):
-    """log P(y) per component and channel; y [..., C, 1], mean / log_scale [..., C, M]."""
+  def _channel_log_probs(self, x, mean, log_scale):
+    """log P(x) per component and channel; x [..., C, 1] in [0, 1], mean / log_scale [..., C, M]."""
     max_val = 2.0 ** self.num_bits - 1.0
-    h = 1.0 / max_val
-    centered = y - mean
     inv_s = jnp.exp(-log_scale)
-    plus_in = inv_s * (centered + h)
-    min_in = inv_s * (centered - h)
-    log_cdf_plus = -jax.nn.softplus(-plus_in)  # log F(plus_in)
-    log_sf_min = -jax.nn.softplus(min_in)  # log (1 - F(min_in))
     if self.faithful:
+      y = 2.0 * x - 1.0
+      h = 1.0 / max_val
+      centered = y - mean
+      plus_in = inv_s * (centered + h)
+      min_in = inv_s * (centered - h)
       cdf_delta = jax.nn.sigmoid(plus_in) - jax.nn.sigmoid(min_in)
       mid_in = inv_s * centered
       log_pdf_mid = mid_in - log_scale - 2.0 * jax.nn.softplus(mid_in)
       mid = jnp.where(cdf_delta > 1e-5, jnp.log(jnp.maximum(cdf_delta, 1e-10)),
                       log_pdf_mid - math.log(max_val / 2.0))
-      return jnp.where(y < -0.999, log_cdf_plus, jnp.where(y > 0.99, log_sf_min, mid))
-    d = (2.0 * h) * inv_s
-    log_d = math.log(2.0 * h) - log_scale
-    mid = log_cdf_plus + log_sf_min + _log1mexp(d, log_d)
-    return jnp.where(y < -1.0 + h, log_cdf_plus, jnp.where(y > 1.0 - h, log_sf_min, mid))
+      return jnp.where(y < -0.999, -jax.nn.softplus(-plus_in),
+                       jnp.where(y > 0.99, -jax.nn.softplus(min_in), mid))
+    # Edges (2k +- 1 - max) / max of level k, from exact integers: bin k's upper edge and bin
+    # k + 1's lower edge are bitwise equal.
+    k = jnp.clip(jnp.round(x * max_val), 0.0, max_val)
+    plus_in = inv_s * ((2.0 * k + 1.0 - max_val) / max_val - mean)
+    min_in = inv_s * ((2.0 * k - 1.0 - max_val) / max_val - mean)
+    log_cdf_plus = -jax.nn.softplus(-plus_in)  # log F(b)
+    log_sf_min = -jax.nn.softplus(min_in)  # log (1 - F(a))
+    # b - a in float32 is exact when a, b are within a factor 2 (Sterbenz), i.e. whenever the
+    # difference is small next to them; the floor only guards an underflow for huge scales.
+    d = jnp.maximum(plus_in - min_in, 1e-30)
+    mid = log_cdf_plus + log_sf_min + _log1mexp(d)
+    return jnp.where(k < 0.5, log_cdf_plus, jnp.where(k > max_val - 0.5, log_sf_min, mid))
 
   def log_prob(self, net_out, x, train: bool = False):
     del train
     _common.check_inputs('logistic_mixture', net_out, x, self.num_channels(x.shape[-1]))
     logits, means, log_scales, coeffs = self._params(net_out)
-    y = 2.0 * _common.f32(x) - 1.0
-    mean = self._couple(means, coeffs, y)
-    lp = self._channel_log_probs(y[..., None], mean, log_scales)  # [B, H, W, C, M]
+    x = _common.f32(x)
+    mean = self._couple(means, coeffs, 2.0 * x - 1.0)
+    lp = self._channel_log_probs(x[..., None], mean, log_scales)  # [B, H, W, C, M]
     lp = jnp.sum(lp, axis=-2) + jax.nn.log_softmax(logits, axis=-1)
     return _common.sum_per_example(jax.nn.logsumexp(lp, axis=-1))
 

@@ -1,0 +1,178 @@
+"""Tests of the sigma-VAE conv VAE (nvae_jax.models.conv_vae) on tiny 16x16 inputs."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special, stats
+
+from configs.common import base_config
+from nvae_jax.models import build_task
+from nvae_jax.models import conv_vae
+
+B, H, W, C, L = 4, 16, 16, 1, 4
+
+
+def _key(i):
+  # rbg keys: XLA:CPU compiles threefry random bits several times slower (jit(init) 4x), and the
+  # library does not depend on the key implementation.
+  return jax.random.key(i, impl='rbg')
+
+
+def _config(decoder, **model):
+  c = base_config()
+  c.model.name = 'conv_vae'
+  c.model.decoder = decoder
+  c.model.latent_dim = L
+  c.model.channels = (4, 8, 8)
+  c.model.num_mixture = 2
+  for k, v in model.items():
+    c.model[k] = v
+  c.data.channels = C
+  c.data.num_bits = 5 if decoder == 'categorical' else 8
+  return c
+
+
+def _batch(decoder):
+  bits = 5 if decoder == 'categorical' else 8
+  x = np.random.default_rng(0).integers(0, 2 ** bits, (B, H, W, C)) / (2 ** bits - 1)
+  if decoder == 'bernoulli':
+    x = np.round(x)
+  return {'image': jnp.asarray(x, jnp.float32), 'label': jnp.zeros((B,), jnp.int32)}
+
+
+def _finite(tree):
+  return all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(tree))
+
+
+@pytest.fixture(scope='module')
+def optimal():
+  """gaussian_optimal (the stateful decoder): task, batch, variables after init."""
+  c = _config('gaussian_optimal')
+  c.eval.num_importance_samples = 4
+  c.eval.importance_chunk = 2
+  task = build_task(c)
+  batch = _batch('gaussian_optimal')
+  return task, batch, jax.jit(task.init)(_key(0), batch), c
+
+
+def test_optimal_sigma_task_loss_state_and_describe(optimal):
+  task, batch, variables, _ = optimal
+  assert task.mutable_collections == ('batch_stats',)
+  assert set(variables) == {'params', 'batch_stats'}
+  assert float(variables['batch_stats']['likelihood']['avg_weight']) == 0.0
+  params = variables['params']
+  assert params['head']['kernel'].shape == (H // 4 * W // 4 * 8, 2 * L)
+  assert params['dec_in']['kernel'].shape == (L, H // 4 * W // 4 * 8)
+  assert params['dec_2']['kernel'].shape[-1] == 1
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
+
+  def f(p, state):
+    return task.loss({'params': p, **state}, batch, _key(1), jnp.int32(0))
+
+  (loss, (metrics, new_state)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(
+      params, {'batch_stats': variables['batch_stats']})
+  assert set(metrics) == {'loss', 'recon', 'kl', 'elbo', 'sigma'}
+  assert _finite((loss, metrics, grads)) and loss.shape == ()
+  np.testing.assert_allclose(metrics['elbo'], -(metrics['recon'] + metrics['kl']), rtol=1e-6)
+  np.testing.assert_allclose(loss, metrics['recon'] + metrics['kl'], rtol=1e-6)  # beta = 1
+  # The reported sigma is the optimal one for this batch (softclipped at -6), and the running
+  # average of the MSE starts there.
+  stats_ = new_state['batch_stats']['likelihood']
+  mse = float(stats_['mse_avg'] / stats_['avg_weight'])
+  np.testing.assert_allclose(float(metrics['sigma']),
+                             math.exp(-6 + np.logaddexp(0, 0.5 * math.log(mse) + 6)), rtol=1e-5)
+  assert task.describe() == {
+      'inputs': (H, W, C), 'latents': [(L,)], 'outputs': (H, W, 1),
+      'likelihood': {'name': 'gaussian_optimal', 'continuous': True}, 'beta': 1.0,
+      'sample_output': 'mean'}
+
+
+def test_evaluate_matches_an_independent_importance_weighted_bound(optimal):
+  task, batch, variables, config = optimal
+  out = jax.jit(task.evaluate)(variables, batch, _key(5))
+  assert set(out) == {'nll', 'nelbo', 'recon', 'kl'}
+  assert all(v.shape == (B,) and v.dtype == jnp.float32 for v in out.values())
+  np.testing.assert_allclose(out['nelbo'], out['recon'] + out['kl'], rtol=1e-6)
+  # Recompute the K = 4 bound from the same noise, one sample at a time, with scipy densities.
+  _, rng_iw = jax.random.split(_key(5))
+  eps = np.asarray(jax.random.normal(rng_iw, (2, 2, B, L))).reshape(4, B, L)
+  module = task._module((H, W, C))  # pylint: disable=protected-access
+  mu, log_sigma = (np.asarray(a, np.float64) for a in
+                   module.apply(variables, batch['image'], method=conv_vae.ConvVAE.encode))
+
+  @jax.jit
+  def log_px_given(z):
+    net = module.apply(variables, z, method=conv_vae.ConvVAE.decode)
+    return module.apply(variables, net, batch['image'], False,
+                        method=lambda m, n, x, t: m.likelihood.log_prob(n, x, t))
+
+  log_w = []
+  for e in eps:
+    z = mu + np.exp(log_sigma) * e
+    log_px = log_px_given(jnp.asarray(z, jnp.float32))
+    log_w.append(np.asarray(log_px, np.float64) + stats.norm.logpdf(z).sum(-1)
+                 - stats.norm.logpdf(z, mu, np.exp(log_sigma)).sum(-1))
+  ref = -(special.logsumexp(np.stack(log_w), axis=0) - math.log(4))
+  np.testing.assert_allclose(out['nll'], ref, rtol=1e-5)
+  # The chunking does not change the bound.
+  config.eval.importance_chunk = 4
+  out4 = jax.jit(build_task(config).evaluate)(variables, batch, _key(5))
+  np.testing.assert_allclose(out4['nll'], out['nll'], rtol=1e-6)
+
+
+def test_sample_and_reconstruct(optimal):
+  task, batch, variables, _ = optimal
+  s = jax.jit(task.sample, static_argnums=(2, 3))(variables, _key(3), 3, 0.8)
+  assert s.shape == (3, H, W, C) and s.dtype == jnp.float32
+  assert float(s.min()) >= 0.0 and float(s.max()) <= 1.0
+  r = jax.jit(task.reconstruct)(variables, batch, _key(3))
+  assert r.shape == (B, H, W, C) and float(r.min()) >= 0.0 and float(r.max()) <= 1.0
+
+
+@pytest.mark.parametrize('decoder', [
+    'bernoulli', 'gaussian_fixed', 'gaussian_shared', 'gaussian_optimal_per_image',
+    'gaussian_per_pixel', 'categorical', 'logistic_mixture', 'nvae_normal'])
+def test_every_decoder_trains(decoder):
+  """Loss and gradients of each decoder; init is checked by shape (compiling it is the costly
+  part, and test_optimal_sigma_task_loss_state_and_describe runs it once)."""
+  task = build_task(_config(decoder, beta=0.5))
+  batch = _batch(decoder)
+  shapes = jax.eval_shape(task.init, _key(0), batch)
+  assert set(shapes) == {'params', *task.mutable_collections}
+  k = task.likelihood.num_channels(C)
+  assert shapes['params']['dec_2']['kernel'].shape[-1] == k
+  rng = np.random.default_rng(0)
+  # Random weights of the usual 1/sqrt(fan-in) scale (numpy: no compiled random init).
+  params = jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(size=s.shape) / math.sqrt(max(np.prod(s.shape[:-1]), 1)),
+                            s.dtype), shapes.pop('params'))
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def f(p):
+    return task.loss({'params': p, **variables}, batch, _key(1), jnp.int32(0))
+
+  (loss, (metrics, new_state)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+  assert _finite((loss, metrics, grads))
+  np.testing.assert_allclose(loss, metrics['recon'] + 0.5 * metrics['kl'], rtol=1e-6)
+  assert set(new_state) == set(task.mutable_collections)
+  assert ('sigma' in metrics) == decoder.startswith(('gaussian', 'nvae'))
+  if decoder == 'gaussian_shared':
+    assert float(jnp.abs(grads['likelihood']['log_sigma'])) > 0
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match='model.decoder'):
+    build_task(_config('gaussian'))
+  with pytest.raises(ValueError, match='model.latent_sizes'):
+    build_task(_config('bernoulli', latent_sizes=3))
+  c = _config('bernoulli')
+  c.eval.num_importance_samples = 6
+  c.eval.importance_chunk = 4
+  with pytest.raises(ValueError, match='eval.importance_chunk'):
+    build_task(c)
+  task = build_task(_config('gaussian_fixed'))
+  with pytest.raises(ValueError, match='divisible by 4'):
+    jax.eval_shape(task.init, _key(0), {'image': jnp.zeros((1, 18, 16, 1))})
