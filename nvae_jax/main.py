@@ -72,16 +72,19 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   for bad config values, before anything is compiled.
   """
   argv = list(argv)
-  fv = _define_flags(argv)
-  if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
-    print(__doc__)
-    print(fv.get_help())
-    return {}
   try:
+    fv = _define_flags(argv)
+    if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
+      print(__doc__)
+      print(fv.get_help())
+      return {}
     fv(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
-    raise flags.Error(f'unknown config field in a --config.* override: {e.args[0] if e.args else e}'
-                      ) from e
+    detail = e
+    while isinstance(detail, BaseException) and detail.args:
+      detail = detail.args[0]
+    detail = str(detail).replace('\n', '; ')
+    raise flags.Error(f'unknown config field in a --config.* override: {detail}') from e
   mode = fv.mode
   if mode != 'describe' and not fv.workdir:
     raise flags.ValidationError(f'--workdir: required for --mode={mode}')
