@@ -150,11 +150,22 @@ def train_and_evaluate(config, workdir: str, *, task=None,
     ``{'step', 'train': last logged train metrics, 'eval': last eval report}``.
   """
   run = setup.build(config, task)
-  c = config
-  pipeline_fn = pipeline_fn or _default_pipeline_fn()
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  ckpt = setup.make_checkpointer(config, workdir)
+  try:
+    return _train(run, workdir, writer, ckpt, pipeline_fn or _default_pipeline_fn(),
+                  stop_after_steps)
+  finally:  # also on errors: finish pending checkpoint writes, flush the logs
+    ckpt.close()
+    writer.close()
+
+
+def _train(run: setup.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn: Callable,
+           stop_after_steps: int | None) -> dict[str, Any]:
+  """The body of :func:`train_and_evaluate` (which owns ``writer`` and ``ckpt``)."""
+  c = run.config
   pidx, pcount = jax.process_index(), jax.process_count()
   is_main = pidx == 0
-  writer = MetricWriter(workdir, enabled=is_main)
 
   make_pipe = lambda split, train: pipeline_fn(  # noqa: E731
       c.data, split, train=train, seed=c.seed, process_index=pidx, process_count=pcount)
@@ -165,7 +176,6 @@ def train_and_evaluate(config, workdir: str, *, task=None,
 
   abstract, shardings = setup.abstract_state(run, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), global_first))
-  ckpt = setup.make_checkpointer(c, workdir)
   restored_step = ckpt.latest_step()
   if restored_step is not None:
     state, data_state, _ = ckpt.restore(abstract, restored_step)
@@ -235,8 +245,6 @@ def train_and_evaluate(config, workdir: str, *, task=None,
   result: dict[str, Any] = {'step': start, 'train': None, 'eval': None}
   if start >= total:
     writer.print(f'Nothing to do: the checkpoint is at step {start} >= train.num_steps={total}.')
-    ckpt.close()
-    writer.close()
     return result
 
   history: list[dict] = []
@@ -290,6 +298,4 @@ def train_and_evaluate(config, workdir: str, *, task=None,
     p = step_lib.to_host(previous)
     optim.check_skips(int(p['consecutive_skips']), int(p['num_skipped']),
                       c.optim.max_consecutive_skips, result['step'])
-  ckpt.close()
-  writer.close()
   return result
