@@ -125,13 +125,12 @@ def wavefronts(height: int, width: int, dilation: int = 1) -> tuple[np.ndarray, 
   return rows, cols
 
 
-def _solve_pixels(y, x, rows, cols, kernel, centre_inverse, dilation):
+def _solve_pixels(y, x, rows, cols, off_centre, centre_inverse, dilation):
   """Solves L(x) = y at the pixels (rows, cols) [P], given x at every pixel they depend on."""
-  taps = np.arange(kernel.shape[0]) * dilation
+  taps = np.arange(off_centre.shape[0]) * dilation
   near_rows = rows[:, None, None] + taps[None, :, None]  # [P, l+1, l+1]
   near_cols = cols[:, None, None] + taps[None, None, :]
   window = x.at[:, near_rows, near_cols, :].get(mode='fill', fill_value=0)  # [B, P, l+1, l+1, C]
-  off_centre = kernel.at[0, 0].set(0)
   target = y.at[:, rows, cols, :].get(mode='fill', fill_value=0)  # [B, P, C]
   residual = target - jnp.einsum('bnpqc,pqco->bno', window, off_centre, precision=HIGHEST)
   solved = jnp.einsum('bnc,co->bno', residual, centre_inverse, precision=HIGHEST)
@@ -148,10 +147,11 @@ def ar_conv_inverse(y: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.A
   """
   _, h, w, _ = y.shape
   rows, cols = wavefronts(h, w, dilation)
+  off_centre = kernel.at[0, 0].set(0)
   centre_inverse = triangular_inverse(kernel[0, 0], lower=False)
 
   def step(x, idx):
-    return _solve_pixels(y, x, idx[0], idx[1], kernel, centre_inverse, dilation), None
+    return _solve_pixels(y, x, idx[0], idx[1], off_centre, centre_inverse, dilation), None
 
   xs = jnp.asarray(np.stack([rows, cols], axis=1)[::-1].copy())  # [T, 2, P], last wavefront first
   x, _ = lax.scan(step, jnp.zeros_like(y), xs)
