@@ -19,8 +19,19 @@ from nvae_jax.config_validation import ConfigError
 
 NUM_EXAMPLES = 20  # per mock split; eval batches of 8 -> the last one is padded
 ROOT = os.path.join(os.path.dirname(__file__), '..')
+QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
+# The quickstart conv VAE (optimal-sigma Gaussian decoder), shrunk, on mock MNIST resized to 16.
+TINY_QUICKSTART = (
+    f'--config={QUICKSTART}', '--config.data.name=mnist', '--config.data.image_size=16',
+    '--config.data.batch_size=8', '--config.data.eval_batch_size=8',
+    '--config.model.channels=(4, 8, 8)', '--config.train.num_steps=1',
+    '--config.train.log_every=1', '--config.train.eval_every=1',
+    '--config.train.checkpoint_every=1', '--config.train.images_every=1',
+    '--config.train.num_eval_batches=1', '--config.train.num_images=4', '--config.sample.num=6',
+    '--config.sample.temperature=0.8')
 
-CONFIG = '''
+# A config file for the platform's own tiny test model (exact parameter count by hand).
+TINY_TEST_MODEL = '''
 import ml_collections
 from configs.common import base_config
 import nvae_jax.train.testing  # registers tiny_test_vae
@@ -32,11 +43,6 @@ def get_config(arg=None):
   c.data.name = 'mnist'
   c.data.image_size = 16
   c.data.batch_size = 8
-  c.data.eval_batch_size = 8
-  c.train.update(dict(num_steps=1, log_every=1, eval_every=1, checkpoint_every=1,
-                      images_every=1, num_eval_batches=1, num_images=4))
-  c.sample.num = 6
-  c.sample.temperature = 0.8
   return c
 '''
 
@@ -44,7 +50,7 @@ def get_config(arg=None):
 @pytest.fixture(scope='module')
 def config_file(tmp_path_factory):
   path = tmp_path_factory.mktemp('cfg') / 'tiny_mnist.py'
-  path.write_text(CONFIG)
+  path.write_text(TINY_TEST_MODEL)
   return str(path)
 
 
@@ -57,10 +63,10 @@ def _json_lines(text):
 
 
 @pytest.fixture(scope='module')
-def trained(config_file, tmp_path_factory):
+def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('workdir'))
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    result = _main(f'--config={config_file}', f'--workdir={workdir}', '--mode=train')
+    result = _main(*TINY_QUICKSTART, f'--workdir={workdir}', '--mode=train')
   return workdir, result
 
 
@@ -78,26 +84,27 @@ def test_train_writes_checkpoint_metrics_and_images(trained):
   assert os.listdir(os.path.join(workdir, 'tb'))
 
 
-def test_eval_prints_one_json_line(trained, config_file, capsys):
+def test_eval_prints_one_json_line(trained, capsys):
   workdir, _ = trained
   capsys.readouterr()
   with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-    result = _main(f'--config={config_file}', f'--workdir={workdir}', '--mode=eval')
+    result = _main(*TINY_QUICKSTART, f'--workdir={workdir}', '--mode=eval')
   records = _json_lines(capsys.readouterr().out)
   assert len(records) == 1 and records[0] == json.loads(json.dumps(result))
   r = records[0]
   assert {'split', 'nats_per_image', 'bits_per_dim', 'num_examples', 'step',
           'continuous'} <= set(r)
+  # a Gaussian decoder: a continuous density, said so next to the number
   assert (r['split'], r['num_examples'], r['step'], r['continuous']) == ('test', NUM_EXAMPLES, 1,
-                                                                        False)
+                                                                        True)
   assert r['bits_per_dim'] == pytest.approx(r['nats_per_image'] / (math.log(2) * 16 * 16))
 
 
-def test_sample_writes_a_grid(trained, config_file, capsys):
+def test_sample_writes_a_grid(trained, capsys):
   workdir, _ = trained
   capsys.readouterr()
   out = os.path.join(workdir, 'mine.png')
-  _main(f'--config={config_file}', f'--workdir={workdir}', '--mode=sample', f'--output={out}')
+  _main(*TINY_QUICKSTART, f'--workdir={workdir}', '--mode=sample', f'--output={out}')
   (r,) = _json_lines(capsys.readouterr().out)
   assert r == {'path': out, 'num': 6, 'temperature': 0.8, 'step': 1}
   grid = np.asarray(Image.open(out))
@@ -114,6 +121,15 @@ def test_describe_counts_parameters_without_training(config_file, capsys):
   assert r['collections'] == {'batch_stats': 16}
   assert r['inputs'] == [16, 16, 1] and r['latents'] == [[8, 8, 2]]
   assert r['likelihood'] == {'name': 'bernoulli', 'continuous': False}
+
+
+def test_describe_quickstart(capsys):
+  capsys.readouterr()
+  _main(f'--config={QUICKSTART}', '--mode=describe')
+  (r,) = _json_lines(capsys.readouterr().out)
+  assert r['model'] == 'conv_vae' and r['inputs'] == [16, 16, 1] and r['latents'] == [[4]]
+  assert r['likelihood'] == {'name': 'gaussian_optimal', 'continuous': True}
+  assert r['num_params'] > 0 and r['collections'] == {'batch_stats': 2}
 
 
 @pytest.fixture
@@ -136,21 +152,19 @@ def no_compile(monkeypatch):
      r'unknown config field .*lrr.*Did you mean "lr"'),
     ('--config.optim.lr=abc', flags.Error, r'--config\.optim\.lr=abc.*float'),  # wrong type
 ])
-def test_bad_config_fails_before_compiling(config_file, tmp_path, no_compile, override, error,
-                                           pattern):
+def test_bad_config_fails_before_compiling(tmp_path, no_compile, override, error, pattern):
   with pytest.raises(error, match=pattern):
-    _main(f'--config={config_file}', f'--workdir={tmp_path}', override)
+    _main(f'--config={QUICKSTART}', f'--workdir={tmp_path}', override)
 
 
 def test_unknown_field_in_a_config_file(tmp_path, no_compile):
   path = tmp_path / 'typo.py'
-  path.write_text(CONFIG + '''
-
-_base_get_config = get_config
+  path.write_text('''
+from configs import quickstart
 
 
 def get_config(arg=None):
-  c = _base_get_config(arg)
+  c = quickstart.get_config(arg)
   c.optim.learning_rate = 0.1  # a typo of optim.lr: not caught by the lock, which comes later
   return c
 ''')
@@ -158,12 +172,12 @@ def get_config(arg=None):
     _main(f'--config={path}', f'--workdir={tmp_path}')
 
 
-def test_missing_workdir_and_module_entry_point(config_file):
+def test_missing_workdir_and_module_entry_point():
   with pytest.raises(flags.Error, match='--workdir'):
-    _main(f'--config={config_file}', '--mode=eval')
+    _main(f'--config={QUICKSTART}', '--mode=eval')
   # `python -m nvae_jax.main` works: a bad enum exits with status 2 and a one-line message.
   proc = subprocess.run(
-      [sys.executable, '-m', 'nvae_jax.main', f'--config={config_file}', '--mode=describe',
+      [sys.executable, '-m', 'nvae_jax.main', '--mode=describe',  # default config: quickstart
        '--config.optim.name=sgd'], cwd=ROOT, capture_output=True, text=True, timeout=120,
       env=dict(os.environ, JAX_PLATFORMS='cpu'), check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
