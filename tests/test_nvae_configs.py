@@ -7,18 +7,22 @@
   every official key (zero state_dict built from the listed shapes).
 """
 
+import argparse
 import importlib
+import importlib.util
+import json
 import math
 import os
-import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-# configs/ is not part of the installed package; tests import it from the project root.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from configs import nvae_base  # noqa: E402  pylint: disable=wrong-import-position
+from configs import nvae_base
 from conftest import SHARED
 from nvae_jax.convert import official_keys as ok
+from nvae_jax.convert import torch_checkpoint as tc
 
 KEYS_DIR = os.path.join(SHARED, 'fixtures', 'nvae_reference', 'official_keys')
 
@@ -134,3 +138,80 @@ def test_steps_per_epoch_rejects_bad_batch():
   with pytest.raises(ValueError, match='global_batch'):
     nvae_base.steps_per_epoch(100, 0)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The .pt converter (only where PyTorch is installed; it is an optional extra).
+
+FIXTURE = os.path.join(SHARED, 'fixtures', 'nvae_reference', 'mnist_tiny_s0')
+
+
+def test_config_from_args_backfill_and_errors():
+  args = json.load(open(os.path.join(FIXTURE, 'summary.json')))['args']
+  old = {k: v for k, v in args.items()
+         if k not in ('ada_groups', 'min_groups_per_scale', 'num_mixture_dec')}
+  c = tc.config_from_args(argparse.Namespace(**old))
+  # evaluate.py's back-fill for old checkpoints.
+  assert (c.model.ada_groups, c.model.min_groups_per_scale, c.model.num_mixture_dec) == (
+      False, 1, 10)
+  c = tc.config_from_args(args, data_dir='/data')
+  assert c.model.ada_groups and c.model.num_channels_enc == 16
+  assert (c.data.name, c.data.pad, c.data.binarize, c.data.data_dir) == (
+      'mnist', 2, 'dynamic', '/data')
+  assert c.model.faithful_dml
+  # argparse defaults: batch 200 on 1 GPU, 200 epochs of 60000 // 200 = 300 steps.
+  assert c.data.batch_size == 200 and c.train.num_steps == 200 * 300
+  assert tc.config_from_args(dict(args, dataset='lsun_church_64')).data.image_size == 64
+  with pytest.raises(ValueError, match='args.dataset'):
+    tc.config_from_args(dict(args, dataset='svhn'))
+  with pytest.raises(ValueError, match='arch_instance'):
+    tc.config_from_args(dict(args, arch_instance='res_bnswish'))
+  with pytest.raises(ValueError, match='num_channels_enc'):
+    tc.config_from_args({k: v for k, v in args.items() if k != 'num_channels_enc'})
+
+
+def test_torch_checkpoint_converts_to_a_workdir(tmp_path):
+  """A fake original checkpoint.pt from the mnist_tiny fixture: the converted workdir restores
+  through the platform, and its forward pass reproduces the original's logits."""
+  torch = pytest.importorskip('torch')
+  from nvae_jax.data import image_shape
+  from nvae_jax.train import setup
+  from nvae_jax.train import state as state_lib
+
+  summary = json.load(open(os.path.join(FIXTURE, 'summary.json')))
+  params = np.load(os.path.join(FIXTURE, 'params.npz'))
+  io = np.load(os.path.join(FIXTURE, 'io.npz'))
+  pt = str(tmp_path / 'checkpoint.pt')
+  torch.save({'state_dict': {k: torch.from_numpy(np.array(params[k])) for k in params.files},
+              'args': argparse.Namespace(**summary['args']), 'global_step': 1234, 'epoch': 7,
+              'optimizer': {}, 'scheduler': {}, 'grad_scalar': {},
+              'arch_instance': 'res_mbconv'}, pt)
+  out = str(tmp_path / 'work')
+  res = tc.convert_checkpoint(pt, out)
+  assert res['unused'] == [] and res['unfilled'] == [] and res['step'] == 1234
+  assert res['num_params'] == summary['n_params']
+
+  spec = importlib.util.spec_from_file_location('converted_config', res['config'])
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  run = setup.build(config)
+  state, _, step, _ = setup.restore_latest(run, out, image_shape(config.data),
+                                           config.data.batch_size)
+  assert step == 1234
+  variables = jax.device_get(state_lib.variables_of(state))
+  # BN running statistics came across (no layout change for vectors).
+  flat = jax.tree_util.tree_flatten_with_path(variables['batch_stats'])[0]
+  assert len(flat) == 2 * sum(k.endswith('running_mean') for k in params.files)
+  np.testing.assert_array_equal(variables['batch_stats']['pre_process_0']['bn_0']['mean'],
+                                params['pre_process.0._ops.0.bn_act.running_mean'])
+
+  x = jnp.asarray(np.transpose(io['x'], (0, 2, 3, 1)))
+  eps = [jnp.asarray(np.transpose(io[f'eps_{g}'], (0, 2, 3, 1)))
+         for g in range(len(summary['eps_shapes']))]
+  fwd = jax.jit(lambda v, x, eps: run.task.forward(v, x, True, eps=eps)[0])
+  got = fwd(variables, x, eps)
+  ref = np.transpose(io['logits'], (0, 2, 3, 1))
+  err = np.linalg.norm(np.asarray(got['net_out']) - ref) / np.linalg.norm(ref)
+  assert err < 1e-5
+  np.testing.assert_allclose(got['recon'], io['recon'], rtol=1e-5)
