@@ -45,6 +45,7 @@ Exit status: 0 when every quantity is within tolerance, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -73,9 +74,14 @@ def config_from_fixture_args(args: dict[str, Any], depthwise_impl: str = 'auto')
   """An nvae_jax config for a fixture's ``summary.json`` ``args`` (faithful DML likelihood)."""
   try:
     from configs import common  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError('check_reference needs the project\'s configs/ package; run it from the '
-                      'project root (python -m nvae_jax.convert.check_reference DIR)') from e
+  except ImportError:
+    # configs/ lives next to the nvae_jax package in a source checkout.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not os.path.isfile(os.path.join(root, 'configs', 'common.py')):
+      raise ImportError('check_reference needs the project\'s configs/ package (configs/common.py '
+                        f'next to nvae_jax/); not found under {root}') from None
+    sys.path.insert(0, root)
+    from configs import common  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
 
   missing = [k for k in _MODEL_ARGS + ('dataset', 'num_x_bits') if k not in args]
@@ -114,58 +120,126 @@ def _nchw_to_nhwc(a):
   return np.transpose(np.asarray(a), (0, 2, 3, 1))
 
 
-def run_check(folder: str, depthwise_impl: str = 'auto') -> list[dict[str, Any]]:
-  """Replays the fixture in ``folder``; returns records {name, kind, err, ...} (see docstring)."""
+@dataclasses.dataclass
+class Fixture:
+  """A reference fixture loaded and converted (arrays NHWC, variables as jnp arrays).
+
+  ``variables`` holds the converted ``params``, the initial ``batch_stats`` and the ``spectral``
+  state of ``sr.npz``; ``eval_variables`` the params with the BN statistics after the train-mode
+  forward (for the importance-weighted evaluation); ``conversion`` the name mapping.
+  """
+  name: str
+  summary: dict
+  io: dict
+  grads: dict
+  bn_after: dict
+  task: Any
+  x: Any
+  eps: list
+  eps_eval: list
+  variables: dict
+  eval_variables: dict
+  conversion: Any
+
+
+def load_fixture(folder: str, depthwise_impl: str = 'auto', config_overrides=None) -> Fixture:
+  """Reads a fixture folder, builds the task from its arguments and converts its weights.
+
+  ``config_overrides`` is an optional callable applied to the config before the task is built.
+  """
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from nvae_jax.convert import from_torch_names as ftn  # pylint: disable=import-outside-toplevel
-  from nvae_jax.models.nvae import NVAETask, importance_weighted_nll  # pylint: disable=import-outside-toplevel
-  from nvae_jax.objectives import kernel_matrix  # pylint: disable=import-outside-toplevel
+  from nvae_jax.models.nvae import NVAETask  # pylint: disable=import-outside-toplevel
+
+  def npz(name):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'{folder}: missing {name} (see the fixture README)')
+    return dict(np.load(path))
 
   with open(os.path.join(folder, 'summary.json')) as f:
     summary = json.load(f)
-  io = dict(np.load(os.path.join(folder, 'io.npz')))
-  state_dict = dict(np.load(os.path.join(folder, 'params.npz')))
-  grads_ref = dict(np.load(os.path.join(folder, 'grads.npz')))
-  sr = dict(np.load(os.path.join(folder, 'sr.npz')))
-  bn_ref = dict(np.load(os.path.join(folder, 'bn_after_train_fwd.npz')))
-
+  io, state_dict = npz('io.npz'), npz('params.npz')
   config = config_from_fixture_args(summary['args'], depthwise_impl)
+  if config_overrides is not None:
+    config_overrides(config)
   task = NVAETask(config)
   x = jnp.asarray(_nchw_to_nhwc(io['x']), jnp.float32)
   num_groups = io['kl_all'].shape[1]
   eps = [jnp.asarray(_nchw_to_nhwc(io[f'eps_{g}'])) for g in range(num_groups)]
+  num_iw = len([k for k in io if k.startswith('eps_eval_')]) // num_groups
+  eps_eval = [[jnp.asarray(_nchw_to_nhwc(io[f'eps_eval_{k * num_groups + g}']))
+               for g in range(num_groups)] for k in range(num_iw)]
   template = jax.eval_shape(task.init, jax.random.key(0), {'image': x})
   conv = ftn.convert_state_dict(state_dict, template, strict=True)
   params = jax.tree.map(jnp.asarray, conv.variables['params'])
-  batch_stats = jax.tree.map(jnp.asarray, conv.variables['batch_stats'])
-  spectral = jax.tree.map(jnp.asarray, ftn.spectral_state_from_sr(sr, params))
+  variables = {'params': params,
+               'batch_stats': jax.tree.map(jnp.asarray, conv.variables['batch_stats']),
+               'spectral': jax.tree.map(jnp.asarray,
+                                        ftn.spectral_state_from_sr(npz('sr.npz'), params))}
+  bn_after = npz('bn_after_train_fwd.npz')
+  after = ftn.convert_state_dict({**state_dict, **bn_after}, template, strict=True).variables
+  eval_variables = {'params': params,
+                    'batch_stats': jax.tree.map(jnp.asarray, after['batch_stats'])}
+  return Fixture(name=os.path.basename(os.path.normpath(folder)), summary=summary, io=io,
+                 grads=npz('grads.npz'), bn_after=bn_after, task=task, x=x, eps=eps,
+                 eps_eval=eps_eval, variables=variables, eval_variables=eval_variables,
+                 conversion=conv)
+
+
+def jit_compile(fn, compiler_options, *args):
+  """jit-compiles ``fn`` for ``args`` (with optional XLA ``compiler_options``) and calls it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  lowered = jax.jit(fn).lower(*args)
+  compiled = lowered.compile(compiler_options=compiler_options) if compiler_options else (
+      lowered.compile())
+  return compiled
+
+
+def run_check(folder, depthwise_impl: str = 'auto',
+              compiler_options: dict | None = None) -> list[dict[str, Any]]:
+  """Replays a fixture; returns records {name, kind, err, ref_norm[, scale]} (see docstring).
+
+  Args:
+    folder: the fixture folder, or a :class:`Fixture` already loaded.
+    depthwise_impl: for a folder, the depthwise conv implementation.
+    compiler_options: passed to XLA (e.g. ``{'xla_backend_optimization_level': 0}`` halves the
+      CPU compile time in tests).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from nvae_jax.convert import from_torch_names as ftn  # pylint: disable=import-outside-toplevel
+  from nvae_jax.models.nvae import importance_weighted_nll  # pylint: disable=import-outside-toplevel
+  from nvae_jax.objectives import kernel_matrix  # pylint: disable=import-outside-toplevel
+
+  fx = folder if isinstance(folder, Fixture) else load_fixture(folder, depthwise_impl)
+  io, task, conv = fx.io, fx.task, fx.conversion
+  grads_ref, bn_ref = fx.grads, fx.bn_after
+  num_groups = io['kl_all'].shape[1]
+  batch_stats, spectral = fx.variables['batch_stats'], fx.variables['spectral']
 
   with jax.default_matmul_precision('highest'):
 
-    @jax.jit
     def train_step(params):
       def nelbo(p):
         variables = {'params': p, 'batch_stats': batch_stats, 'spectral': spectral}
-        _, aux = task.objective(variables, x, None, GLOBAL_STEP, eps=eps, spectral_iters=0)
+        _, aux = task.objective(variables, fx.x, None, GLOBAL_STEP, eps=fx.eps,
+                                spectral_iters=0)
         return aux['nelbo_loss'], aux
       return jax.grad(nelbo, has_aux=True)(params)
 
-    grads, aux = train_step(params)
+    params = fx.variables['params']
+    grads, aux = jit_compile(train_step, compiler_options, params)(params)
 
-    eval_vars = ftn.convert_state_dict({**state_dict, **bn_ref}, template, strict=True).variables
-    eval_vars = jax.tree.map(jnp.asarray, {'params': eval_vars['params'],
-                                           'batch_stats': eval_vars['batch_stats']})
-
-    @jax.jit
-    def eval_forward(eps_k):
-      out, _ = task.forward(eval_vars, x, False, eps=eps_k)
+    def eval_log_w(eps_k):
+      out, _ = task.forward(fx.eval_variables, fx.x, False, eps=eps_k)
       return -out['recon'] - out['log_q'] + out['log_p']
 
-    num_iw = len([k for k in io if k.startswith('eps_eval_')]) // num_groups
-    log_w = jnp.stack([eval_forward([jnp.asarray(_nchw_to_nhwc(io[f'eps_eval_{k * num_groups + g}']))
-                                     for g in range(num_groups)]) for k in range(num_iw)])
+    eval_fn = jit_compile(eval_log_w, compiler_options, fx.eps_eval[0])
+    log_w = jnp.stack([eval_fn(e) for e in fx.eps_eval])
     iw_log_px = -importance_weighted_nll(log_w)
 
   out = aux['out']
