@@ -1,4 +1,4 @@
-r"""sigma-VAE (Rybkin, Daniilidis & Levine 2020): the small conv VAE with a calibrated decoder, MNIST.
+r"""sigma-VAE (Rybkin, Daniilidis & Levine 2020): the small calibrated-decoder conv VAE on MNIST.
 
 Launch (the decoder is any output distribution name; default ``gaussian_optimal``):
 

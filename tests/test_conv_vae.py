@@ -138,7 +138,10 @@ def test_sample_and_reconstruct(optimal):
 def test_every_decoder_trains(decoder):
   """Loss and gradients of each decoder; init is checked by shape (compiling it is the costly
   part, and test_optimal_sigma_task_loss_state_and_describe runs it once)."""
-  task = build_task(_config(decoder, beta=0.5))
+  config = _config(decoder, beta=0.5)
+  if decoder == 'logistic_mixture':  # one decoder also covers the bfloat16 compute path
+    config.precision.compute_dtype = 'bfloat16'
+  task = build_task(config)
   batch = _batch(decoder)
   shapes = jax.eval_shape(task.init, _key(0), batch)
   assert set(shapes) == {'params', *task.mutable_collections}
@@ -156,6 +159,7 @@ def test_every_decoder_trains(decoder):
 
   (loss, (metrics, new_state)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(params)
   assert _finite((loss, metrics, grads))
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves((loss, metrics, grads)))
   np.testing.assert_allclose(loss, metrics['recon'] + 0.5 * metrics['kl'], rtol=1e-6)
   assert set(new_state) == set(task.mutable_collections)
   assert ('sigma' in metrics) == decoder.startswith(('gaussian', 'nvae'))

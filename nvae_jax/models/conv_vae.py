@@ -10,7 +10,8 @@ Model (images x in [0, 1], NHWC):
   the encoder back to H x W, the last one producing the K = ``num_channels(C)`` raw channels the
   output distribution ``model.decoder`` needs (Gaussian means pass through a sigmoid inside the
   distribution);
-* prior p(z) = N(0, I) and the analytic KL(q || p) = sum_j 0.5 (mu_j^2 + sigma_j^2 - 1) - log sigma_j.
+* prior p(z) = N(0, I) and the analytic
+  KL(q || p) = sum_j 0.5 (mu_j^2 + sigma_j^2 - 1) - log sigma_j.
 
 H and W must be divisible by the product of the strides (4 by default).  Convolutions run in
 ``precision.compute_dtype``; parameters, the latent statistics, the KL and the likelihood are
@@ -64,7 +65,7 @@ _STATEFUL = ('gaussian_optimal', 'gaussian_optimal_per_image')
 
 
 def analytic_kl(mu: jax.Array, log_sigma: jax.Array) -> jax.Array:
-  """KL(N(mu, sigma^2) || N(0, 1)) summed over the last axis: 0.5 (mu^2 + sigma^2 - 1) - log sigma."""
+  """KL(N(mu, sigma^2) || N(0, 1)) over the last axis: sum 0.5 (mu^2 + sigma^2 - 1) - log sigma."""
   return jnp.sum(0.5 * (jnp.square(mu) + jnp.exp(2.0 * log_sigma) - 1.0) - log_sigma, axis=-1)
 
 
@@ -278,7 +279,7 @@ class ConvVAETask:
     return loss, (metrics, {k: updates[k] for k in self.mutable_collections})
 
   def evaluate(self, variables, batch, rng):
-    """Per-example ``nll`` (an upper bound, see the module docstring), ``nelbo``, ``recon``, ``kl``."""
+    """Per-example ``nll`` (an upper bound, see the module doc), ``nelbo``, ``recon``, ``kl``."""
     x = self._image(batch)
     module = self._module(x.shape[1:])
     rng_elbo, rng_iw = jax.random.split(rng)
