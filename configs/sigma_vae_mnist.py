@@ -7,9 +7,8 @@ Launch (the decoder is any output distribution name; default ``gaussian_optimal`
     --workdir=runs/sigma_mnist
 
 The config argument also picks the decoder, e.g. ``--config=configs/sigma_vae_mnist.py:bernoulli``;
-that spelling is the one that switches on dynamic binarisation for the Bernoulli decoder.  With
-``--config.model.decoder=bernoulli`` add ``--config.data.binarize=dynamic`` yourself (or let a
-platform that honours the optional ``finalize(config)`` hook below do it).
+a Bernoulli decoder, chosen either way, trains on dynamically binarised digits (the ``finalize``
+hook below runs after the command-line overrides).
 
 Recipe (sigma-VAE reference code): conv VAE 32/64/128 filters (strides 1, 2, 2: 28 -> 7), 20-d
 latent, Adam lr 1e-3, batch 128, 10 epochs (4,690 steps), beta 1, losses summed per image and

@@ -14,13 +14,13 @@ accumulated over batches in float64 on the host.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nvae_jax.distributions import units
 from nvae_jax.train import step as step_lib
 
 
@@ -28,7 +28,7 @@ def bits_per_dim(nats_per_image: float, image_shape: tuple[int, int, int]) -> fl
   """``nats / (ln 2 * H * W * C)`` for one image of shape ``(H, W, C)``."""
   if len(image_shape) != 3:
     raise ValueError(f'image_shape: expected (H, W, C), found {tuple(image_shape)}')
-  return float(nats_per_image) / (math.log(2.0) * int(np.prod(image_shape)))
+  return float(units.bits_per_dim(float(nats_per_image), int(np.prod(image_shape))))
 
 
 def make_eval_step(task, mesh, variables_sharding) -> Callable:

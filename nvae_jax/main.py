@@ -70,6 +70,24 @@ def _initialize_distributed(fv: flags.FlagValues) -> None:
   jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 
 
+def _finalize(fv: flags.FlagValues):
+  """Applies the config file's optional ``finalize(config)`` hook after the overrides.
+
+  A config file may derive fields from others once ``--config.*`` overrides are in (e.g.
+  ``configs/sigma_vae_mnist.py`` switches on dynamic binarisation for a Bernoulli decoder).
+  """
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  config = fv.config
+  path = config_flags.get_config_filename(fv['config']).split(':', 1)[0]
+  spec = importlib.util.spec_from_file_location('_nvae_jax_config_file', path)
+  if spec is None or spec.loader is None:
+    return config
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  hook = getattr(module, 'finalize', None)
+  return hook(config) if callable(hook) else config
+
+
 def _emit(record: dict[str, Any]) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   if jax.process_index() == 0:
@@ -102,7 +120,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     raise flags.ValidationError(f'--workdir: required for --mode={mode}')
   if fv.distributed:
     _initialize_distributed(fv)
-  config = fv.config
+  config = _finalize(fv)
   # pylint: disable=import-outside-toplevel
   if mode == 'train':
     from nvae_jax.train import loop

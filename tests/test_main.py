@@ -207,3 +207,15 @@ def test_validate_types_and_ranges_of_config_files(section, field, value, patter
   c[section] = ml_collections.ConfigDict(fields)
   with pytest.raises(ConfigError, match=pattern):
     validate(c, num_devices=8)
+
+
+def test_config_finalize_hook_applies_after_overrides():
+  """A Bernoulli decoder chosen by override gets dynamic binarisation from the file's hook."""
+  from absl import flags as absl_flags  # pylint: disable=import-outside-toplevel
+  from nvae_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  argv = ['prog', '--config=configs/sigma_vae_mnist.py', '--config.model.decoder=bernoulli']
+  fv = main_lib._define_flags(argv)  # pylint: disable=protected-access
+  fv(argv)
+  assert isinstance(fv, absl_flags.FlagValues)
+  assert fv.config.data.binarize == 'none'  # before the hook
+  assert main_lib._finalize(fv).data.binarize == 'dynamic'  # pylint: disable=protected-access

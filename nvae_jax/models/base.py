@@ -54,7 +54,7 @@ class ModelTask(Protocol):
   def evaluate(self, variables: Variables, batch: Batch, rng: jax.Array) -> Metrics:
     """Eval-mode metrics; must contain ``'nll'``: per-example negative log-likelihood [B] in nats.
 
-    May also contain per-example ``'elbo'`` (negative ELBO, nats) and other [B] arrays.
+    May also contain per-example ``'nelbo'`` (negative ELBO, nats) and other [B] arrays.
     """
 
   def sample(self, variables: Variables, rng: jax.Array, num: int,
