@@ -163,7 +163,8 @@ def small_model(c: ml_collections.ConfigDict, *, channels: int = 16, pre: tuple[
   """Shrinks a published config to something that trains on 2 CPU cores.
 
   Keeps the dataset, the likelihood, the flows setting and the optimizer; scales the network
-  down, runs float32 without remat and uses a short schedule (warm-up 5 % of the steps).
+  down, runs float32 without remat and uses a short schedule (warm-up 5 % of the steps) with
+  lr 5e-3 (issue #2: 1e-2 is too high for small batches).
   """
   m = c.model
   m.num_channels_enc = channels
@@ -179,6 +180,7 @@ def small_model(c: ml_collections.ConfigDict, *, channels: int = 16, pre: tuple[
   c.data.eval_batch_size = 64
   c.train.num_steps = steps
   c.optim.warmup_steps = max(1, steps // 20)
+  c.optim.lr = 5e-3
   c.train.log_every = 50
   c.train.eval_every = 1000
   c.train.images_every = 1000
