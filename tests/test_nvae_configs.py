@@ -21,6 +21,7 @@ import pytest
 
 from configs import nvae_base
 from conftest import SHARED
+from nvae_jax import config_validation
 from nvae_jax.convert import official_keys as ok
 from nvae_jax.convert import torch_checkpoint as tc
 
@@ -60,6 +61,7 @@ def test_published_hyperparameters(name):
   assert c.model.num_latent_per_group == 20
   assert c.model.use_se and c.model.res_dist
   assert c.precision.compute_dtype == 'bfloat16'
+  config_validation.validate(c)
 
 
 def test_override_moves_kl_horizon():
@@ -78,6 +80,7 @@ def test_variants_and_bad_arg():
     small = m.get_config('small')
     assert small.model.num_channels_enc <= 16 and small.model.num_latent_scales <= 2
     assert small.precision.compute_dtype == 'float32'
+    config_validation.validate(small)
     with pytest.raises(ValueError, match='unknown variant'):
       m.get_config('huge')
 
@@ -114,6 +117,17 @@ def abstract():
 def test_describe_matches_official_count(abstract, name):
   file, _, _, expected = ok.PUBLISHED[name]
   assert ok.count_flax_params(abstract[name]) == expected
+
+
+def test_main_describe_mnist(capsys):
+  """``--mode=describe`` of the command line reports the original's parameter count."""
+  from nvae_jax import main as main_lib
+  res = main_lib.main(['nvae-jax', '--config=configs/nvae_mnist.py', '--mode=describe'])
+  assert res['num_params'] == ok.PUBLISHED['mnist'][3]
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['num_params'] == (
+      res['num_params'])
+  # 15 groups of 20 channels: 5 at 4x4 (top), 10 at 8x8.
+  assert [tuple(s) for s in res['latents']] == [(4, 4, 20)] * 5 + [(8, 8, 20)] * 10
 
 
 @pytest.mark.parametrize('name', [n for n in sorted(ok.PUBLISHED) if n != 'ffhq256'])
