@@ -12,6 +12,17 @@ meant to be started in the background on 2 CPU cores:
 
   nohup nice -n 10 .venv/bin/python benchmarks/flow_mnist_sweep.py --steps 2000 \
     --workdir /tmp/flow_mnist_sweep > flow_mnist_sweep.jsonl 2> flow_mnist_sweep.log &
+
+Measured (2026-11-21, jax 0.10.2, shared 2-core CPU, 2000 steps = 1.07 epochs, seed 0, one run
+each; the whole sweep took 19 min wall): test bits/dim on 8-bit MNIST, 10,000 test images
+
+  emerging 2.475 | plu 2.596 | qr 2.609 | periodic 2.627 | shuffle 2.641 | reverse 2.802 |
+  conv1x1 2.813
+
+(parameters: 31.0k reverse/shuffle, 31.3k conv1x1, 31.7k plu/qr, 33.9k periodic, 34.0k emerging).
+These are short runs far from convergence with a single seed: differences of ~0.1 bits/dim are
+within what seeds and optimisation noise can produce here, and the plain 1x1 conv finishing last
+is not a statement about converged models.
 """
 
 from __future__ import annotations
