@@ -218,12 +218,15 @@ def published_256(*, dataset: str, epochs: int, lr: float, wdn: float,
   c.data.random_flip = True
   c.sample.num = 16
   c.sample.temperature = 0.7
+  # Evaluation tiles each batch importance_chunk times: 8 images x 2 samples per device.
   c.data.eval_batch_size = 8 * gpus
+  c.eval.importance_chunk = 2
   if arg == 'small':
     # 256x256 inputs, but 8 channels and two down-sampling pre-process blocks (latents at 64x64
     # and 32x32) so that a step takes about a second on 2 CPU cores.
     small_model(c, channels=8, pre=(2, 1), post=(2, 1), scales=2, groups=2, batch=4, steps=2000)
     c.data.eval_batch_size = 8
+    c.eval.importance_chunk = 10
   elif arg not in (None, '', '24ch'):
     raise ValueError(f'configs/nvae_{dataset}.py: unknown variant {arg!r}; expected "", "24ch" '
                      'or "small"')
