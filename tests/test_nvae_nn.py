@@ -217,33 +217,43 @@ def _np_power_iteration(m, u, v, n):
 def test_spectral_power_iteration_and_gradient():
   k = jax.random.normal(jax.random.key(9), (3, 3, 4, 5))
   kernels = {'a': {'kernel': k}, 'b': {'c': {'kernel': 2 * k}}, 'd': {'kernel': k[:1, :1]}}
+  assert objectives.conv_groups(kernels) == {'o5_i36': [('a',), ('b', 'c')], 'o5_i4': [('d',)]}
   state = objectives.init_spectral_state(kernels, jax.random.key(10))
+  assert state['u']['o5_i36'].shape == (2, 5) and state['v']['o5_i36'].shape == (2, 36)
+  np.testing.assert_allclose(np.linalg.norm(state['v']['o5_i4'], axis=1), 1, rtol=1e-6)
   fn = jax.jit(objectives.spectral_loss)
   loss, state1, sigmas = fn(kernels, state)
   assert int(state1['calls']) == 1
-  as_matrix = lambda w: np.asarray(w, np.float64).transpose(3, 2, 0, 1).reshape(5, -1)  # noqa
-  mats = {'a': as_matrix(k), 'd': as_matrix(k[:1, :1])}
+  # Matrices in PyTorch's layout; v maps to the module's (kh, kw, I) columns.
+  mat = np.asarray(k, np.float64).transpose(3, 2, 0, 1).reshape(5, -1)
+  mat_1x1 = np.asarray(k[0, 0], np.float64).T
+  to_torch = lambda v: np.asarray(v, np.float64).reshape(3, 3, 4).transpose(2, 0, 1).ravel()  # noqa
   # First call: 40 iterations from the stored vectors, as an independent numpy loop.
-  u_np, v_np, s_np = _np_power_iteration(mats['a'], np.asarray(state['u']['a'], np.float64),
-                                         np.asarray(state['v']['a'], np.float64), 40)
-  np.testing.assert_allclose(float(sigmas[('a',)]), s_np, rtol=1e-5)
-  np.testing.assert_allclose(state1['u']['a'], u_np, atol=1e-5)
+  u0, v0 = np.asarray(state['u']['o5_i36'][0]), to_torch(state['v']['o5_i36'][0])
+  u_np, v_np, s_np = _np_power_iteration(mat, u0, v0, 40)
+  np.testing.assert_allclose(float(sigmas['o5_i36'][0]), s_np, rtol=1e-5)
+  np.testing.assert_allclose(state1['u']['o5_i36'][0], u_np, atol=1e-5)
+  np.testing.assert_allclose(to_torch(state1['v']['o5_i36'][0]), v_np, atol=1e-5)
   # Later calls: 4 iterations each; the estimate approaches the top singular value from below.
   _, state2, sigmas2 = fn(kernels, state1)
-  _, _, s_np2 = _np_power_iteration(mats['a'], u_np, v_np, 4)
-  np.testing.assert_allclose(float(sigmas2[('a',)]), s_np2, rtol=1e-5)
+  _, _, s_np2 = _np_power_iteration(mat, u_np, v_np, 4)
+  np.testing.assert_allclose(float(sigmas2['o5_i36'][0]), s_np2, rtol=1e-5)
   for _ in range(20):
-    loss, state2, sigmas2 = fn(kernels, state2)
-  s_max = {p: np.linalg.svd(m, compute_uv=False)[0] for p, m in mats.items()}
-  np.testing.assert_allclose(float(loss), 3 * s_max['a'] + s_max['d'], rtol=1e-4)
+    loss, state2, _ = fn(kernels, state2)
+  s_max = np.linalg.svd(mat, compute_uv=False)[0]
+  s_max_1x1 = np.linalg.svd(mat_1x1, compute_uv=False)[0]
+  np.testing.assert_allclose(float(loss), 3 * s_max + s_max_1x1, rtol=1e-4)
   # d sigma / dM = u v^T (the vectors are constants).
-  st = {'u': {'a': state1['u']['a']}, 'v': {'a': state1['v']['a']}, 'calls': 1}
+  one = {'a': {'kernel': k}}
+  st = {'u': {'o5_i36': state1['u']['o5_i36'][:1]}, 'v': {'o5_i36': state1['v']['o5_i36'][:1]},
+        'calls': 1}
   grad = jax.grad(lambda kk: objectives.spectral_loss({'a': {'kernel': kk}}, st,
                                                       num_iters=0)[0])(k)
-  uv = np.outer(state1['u']['a'], state1['v']['a']).reshape(5, 4, 3, 3).transpose(2, 3, 1, 0)
-  np.testing.assert_allclose(grad, uv, rtol=1e-5, atol=1e-7)
+  uv = np.outer(state1['u']['o5_i36'][0], to_torch(state1['v']['o5_i36'][0]))
+  np.testing.assert_allclose(grad, uv.reshape(5, 4, 3, 3).transpose(2, 3, 1, 0), rtol=1e-5,
+                             atol=1e-7)
   with pytest.raises(ValueError, match='does not match the model convs'):
-    objectives.spectral_loss({'a': {'kernel': k}}, state)
+    objectives.spectral_loss(one, state)
 
 
 def test_kl_balance_alpha_and_warmup():
@@ -284,3 +294,51 @@ def test_latent_normal_kl_and_density():
   z = jnp.asarray([0.1, 0.2, 0.3])
   np.testing.assert_allclose(q.log_prob(z), -0.5 * ((z - q.mu) / q.sigma) ** 2 - np.log(q.sigma)
                              - 0.5 * np.log(2 * np.pi), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration errors of the NVAE ModelTask (no compilation; the task itself is exercised on a
+# reference fixture in test_nvae_reference.py).
+
+def _tiny_config():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from configs import common  # pylint: disable=import-outside-toplevel
+  c = common.base_config()
+  c.model = ml_collections.ConfigDict(dict(
+      name='nvae', num_channels_enc=8, num_channels_dec=8, num_preprocess_blocks=1,
+      num_preprocess_cells=1, num_postprocess_blocks=1, num_postprocess_cells=1,
+      num_latent_scales=2, num_groups_per_scale=1, num_latent_per_group=4,
+      num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, ada_groups=False, min_groups_per_scale=1,
+      use_se=True, res_dist=True, num_nf=1, num_mixture_dec=10, decoder='auto',
+      faithful_dml=False, kl_anneal_portion=0.3, kl_const_portion=1e-4, kl_const_coeff=1e-4,
+      weight_decay_norm=1e-2, weight_decay_norm_init=1.0, weight_decay_norm_anneal=True,
+      depthwise_impl='lax', total_steps=0))
+  c.data.update(name='mnist', channels=1, image_size=16, pad=2, binarize='dynamic')
+  c.train.num_steps = 100
+  return c
+
+
+def test_task_config_errors():
+  from nvae_jax.models import build_task  # pylint: disable=import-outside-toplevel
+  c = _tiny_config()
+  c.model.depthwise_impl = 'auto'
+  assert build_task(c).depthwise == ('shift' if jax.default_backend() == 'cpu' else 'lax')
+  c.model.depthwise_impl = 'fft'
+  with pytest.raises(ValueError, match='model.depthwise_impl'):
+    build_task(c)
+  c = _tiny_config()
+  del c.model['num_nf']
+  with pytest.raises(ValueError, match='config.model.num_nf'):
+    build_task(c)
+  c = _tiny_config()
+  c.eval.num_importance_samples = 4
+  c.eval.importance_chunk = 3
+  with pytest.raises(ValueError, match='importance_chunk'):
+    build_task(c)
+  task = build_task(_tiny_config())
+  with pytest.raises(ValueError, match='divisible'):
+    task.arch((18, 18, 1))
+  with pytest.raises(ValueError, match=r'x: expected \[B, 16, 16, 1\]'):
+    jax.eval_shape(lambda: task.model((16, 16, 1)).init(
+        {'params': jax.random.key(0), 'sample': jax.random.key(1)}, jnp.zeros((2, 16, 16, 3)),
+        True))

@@ -15,6 +15,7 @@ CPU default shift-and-add conv, values and gradients, is tested in test_nvae_nn.
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -71,19 +72,70 @@ def test_reference_fixture(load, name):
   assert ok and not failures, failures
 
 
-def test_importance_weighted_k1_is_negative_elbo(load):
-  """With K = 1 the IW bound is the ELBO of that one sample.  With flows the KL is the one-sample
-  estimate log q - log p, so the task's eval-mode nll = -(log p(x|z) + log p(z) - log q(z|x))
-  equals its negative ELBO recon + sum_g KL_g, computed from kl_all, up to round-off."""
+def test_task_api_on_fixture(load):
+  """The ModelTask entry points on the cifar_tiny_s0 model (weights of the fixture): loss and its
+  metrics, the state it returns, evaluate, sample and describe, compiled as one program; then
+  the forward pass in bfloat16 with remat'ed cells against the original's float32 numbers.
+  (reconstruct and sampling temperatures are covered by test_nvae_sampling.py.)
+
+  evaluate runs with K = 1 importance sample: the IW bound is then the ELBO of that one sample,
+  and with flows the KL is the one-sample estimate log q - log p, so nll = -(log p(x|z) + log p(z)
+  - log q(z|x)) must equal the negative ELBO recon + sum_g KL_g (from kl_all) up to round-off.
+  """
+  from nvae_jax.models import build_task  # pylint: disable=import-outside-toplevel
   fx = load('cifar_tiny_s0')
-  variables = dict(fx.eval_variables, spectral=fx.variables['spectral'])
+  task, batch = fx.task, {'image': fx.x}
+  # A fresh spectral state (no update yet: 40 iterations) from the fixture's vectors.
+  variables = dict(fx.variables, spectral=dict(fx.variables['spectral'], calls=jnp.int32(0)))
+  eval_variables = dict(fx.eval_variables, spectral=variables['spectral'])
+  step = jnp.asarray(cr.GLOBAL_STEP, jnp.int32)
+
+  def run(rng):
+    return (task.loss(variables, batch, rng, step), task.evaluate(eval_variables, batch, rng),
+            task.sample(variables, rng, 3, 0.8))
+
   rng = jax.random.key(3)
-  evaluate = cr.jit_compile(lambda r: fx.task.evaluate(variables, {'image': fx.x}, r),
-                            FAST_COMPILE, rng)
-  metrics = evaluate(rng)
-  assert metrics['nll'].shape == (fx.x.shape[0],)
-  np.testing.assert_allclose(metrics['nll'], metrics['elbo'], rtol=1e-5)
-  # A different key gives a different sample, hence a different value: the comparison is not
-  # between two copies of one number.
-  other = evaluate(jax.random.key(4))
-  assert np.abs(np.asarray(other['nll']) - np.asarray(metrics['nll'])).max() > 1e-3
+  (loss, (metrics, state)), ev, samples = cr.jit_compile(run, FAST_COMPILE, rng)(rng)
+  io = fx.io
+  assert np.isfinite(float(loss))
+  for key in ('loss', 'recon', 'kl', 'balanced_kl', 'kl_coeff', 'norm_loss', 'bn_loss', 'elbo',
+              'wdn_coeff') + tuple(f'kl_group_{d}' for d in range(4)):
+    assert key in metrics, key
+  np.testing.assert_allclose(metrics['kl_coeff'], io['kl_coeff'], rtol=1e-6)
+  np.testing.assert_allclose(metrics['wdn_coeff'], io['wdn_coeff'], rtol=1e-6)
+  np.testing.assert_allclose(metrics['bn_loss'], io['bn_loss'])
+  np.testing.assert_allclose(metrics['loss'], metrics['recon'] + metrics['balanced_kl']
+                             + metrics['wdn_coeff'] * (metrics['norm_loss'] + metrics['bn_loss']),
+                             rtol=1e-5)
+  np.testing.assert_allclose(metrics['elbo'], metrics['recon'] + metrics['kl'], rtol=1e-5)
+  np.testing.assert_allclose(sum(metrics[f'kl_group_{d}'] for d in range(4)), metrics['kl'],
+                             rtol=1e-5)
+  # 40 more power iterations from the fixture's vectors: between the fixture's estimate and the
+  # exact sum of top singular values.
+  assert float(io['norm_loss']) - 1e-3 <= float(metrics['norm_loss'])
+  assert float(metrics['norm_loss']) <= float(io['norm_loss_exact']) + 1e-3
+  assert int(state['spectral']['calls']) == 1
+  assert jax.tree.structure(state['batch_stats']) == jax.tree.structure(variables['batch_stats'])
+  # The returned BN statistics are the train-mode update (the fixture's, up to the noise).
+  moved = [float(jnp.abs(a - b).max()) for a, b in
+           zip(jax.tree.leaves(state['batch_stats']), jax.tree.leaves(variables['batch_stats']))]
+  assert min(moved) > 0
+  # K = 1 with flows: -log w = recon + log q - log p = recon + sum_g KL_g (same sample).
+  assert ev['nll'].shape == (fx.x.shape[0],)
+  np.testing.assert_allclose(ev['nll'], ev['elbo'], rtol=1e-5)
+  assert samples.shape == (3, 32, 32, 3)
+  assert float(samples.min()) >= 0 and float(samples.max()) <= 1
+  d = task.describe()
+  assert d['inputs'] == (32, 32, 3) and d['outputs'] == (32, 32, 100)
+  assert d['latents'] == [(8, 8, 20)] * 2 + [(16, 16, 20)] * 2
+  assert d['likelihood'] == {'name': 'logistic_mixture', 'continuous': False}
+
+  config16 = task.config.copy_and_resolve_references()
+  config16.precision.compute_dtype = 'bfloat16'
+  config16.remat.policy = 'nothing_saveable'
+  task16 = build_task(config16)
+  fn = lambda: task16.forward(variables, fx.x, True, eps=fx.eps)[0]  # noqa: E731
+  out16 = cr.jit_compile(fn, FAST_COMPILE)()
+  assert out16['net_out'].dtype == jnp.float32 and out16['kl_all'].dtype == jnp.float32
+  np.testing.assert_allclose(out16['recon'], io['recon'], rtol=2e-2)
+  np.testing.assert_allclose(jnp.sum(out16['kl_all'], axis=1), io['kl_all'].sum(1), rtol=5e-2)

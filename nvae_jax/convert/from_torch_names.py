@@ -244,20 +244,35 @@ def spectral_state_from_sr(sr: Mapping[str, np.ndarray], params_template: Mappin
                            calls: int = 1) -> dict[str, Any]:
   """The ``'spectral'`` state from an ``sr.npz`` (groups ``g<i>_names``, ``g<i>_u``, ``g<i>_v``).
 
-  ``calls`` is stored as the number of updates already done (>= 1: the next default update runs
-  4 iterations).
+  The original's per-layer vectors are regrouped as ``nvae_jax.objectives.spectral`` keeps them
+  (by matrix shape, convs in sorted module-path order) and v is permuted from PyTorch's (I, kh,
+  kw) column order to the HWIO kernel's (kh, kw, I).  ``calls`` is stored as the number of updates
+  already done (>= 1: the next default update runs 4 iterations).
   """
-  u, v = {}, {}
+  from nvae_jax.objectives import spectral  # pylint: disable=import-outside-toplevel
+  layers = {}
   i = 0
   while f'g{i}_names' in sr:
     for j, name in enumerate(sr[f'g{i}_names']):
       found = module_of(str(name), params_template)
-      if found is None or found[1] != 'conv':
+      node = params_template
+      for part in (found[0] if found else ()):
+        node = node.get(part, {}) if isinstance(node, Mapping) else {}
+      if found is None or found[1] != 'conv' or 'kernel' not in node:
         raise ValueError(f'sr.npz group {i}: layer {name!r} has no conv in the model')
-      u[found[0]] = np.asarray(sr[f'g{i}_u'][j], np.float32)
-      v[found[0]] = np.asarray(sr[f'g{i}_v'][j], np.float32)
+      shape = tuple(node['kernel'].shape)
+      u = np.asarray(sr[f'g{i}_u'][j], np.float32)
+      v = spectral.torch_v_to_hwi(np.asarray(sr[f'g{i}_v'][j], np.float32), shape)
+      if u.shape != (shape[3],) or v.shape != (shape[0] * shape[1] * shape[2],):
+        raise ValueError(f'sr.npz group {i}: vectors {u.shape}, {v.shape} of {name!r} do not fit '
+                         f'its kernel {shape}')
+      layers[found[0]] = (spectral.group_key(shape), u, v)
     i += 1
-  if not u:
+  if not layers:
     raise ValueError('sr.npz: no groups g0_names, g0_u, g0_v found')
-  return {'u': traverse_util.unflatten_dict(u), 'v': traverse_util.unflatten_dict(v),
+  grouped: dict[str, list] = {}
+  for path in sorted(layers):
+    grouped.setdefault(layers[path][0], []).append(layers[path][1:])
+  return {'u': {k: np.stack([uv[0] for uv in g]) for k, g in grouped.items()},
+          'v': {k: np.stack([uv[1] for uv in g]) for k, g in grouped.items()},
           'calls': np.asarray(calls, np.int32)}

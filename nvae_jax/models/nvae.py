@@ -37,8 +37,9 @@ Variable tree (``N`` is the index of the original ModuleList, in construction or
     (``nvae_jax.nn.ar``).
   * ``likelihood``: parameters of the output distribution, if it has any.
 * batch_stats: ``mean``, ``var`` of every ``BatchNorm`` at the same paths (``bn_*``).
-* spectral (owned by :class:`NVAETask`, not the module): power-iteration vectors ``u``, ``v`` for
-  every conv, at the conv's module path, and ``calls``.
+* spectral (owned by :class:`NVAETask`, not the module): power-iteration vectors ``u`` [n, rows],
+  ``v`` [n, cols] per group of equally shaped conv matrices (key ``o<rows>_i<cols>``, convs in
+  sorted module-path order) and ``calls`` (see ``nvae_jax.objectives.spectral``).
 * conv_kernels (transient, only when requested as mutable): the effective kernel of every conv.
 
 :class:`NVAETask` (registered as ``'nvae'``) wraps the module for the training platform: KL
@@ -614,7 +615,7 @@ class NVAETask:
     alpha = self.alpha()
     balanced_kl, gamma, kl_vals = objectives.kl_balance(out['kl_all'], beta, alpha)
     nelbo_loss = jnp.mean(out['recon'] + balanced_kl)
-    norm_loss, spectral, sigmas = objectives.spectral_loss(
+    norm_loss, spectral, _ = objectives.spectral_loss(
         upd[CONV_KERNELS], variables['spectral'], spectral_iters)
     bn_loss = objectives.batchnorm_loss(variables['params'], variables.get('batch_stats', {}))
     wdn = objectives.regularizer_weight(beta, self.weight_decay_norm,
@@ -623,7 +624,7 @@ class NVAETask:
     loss = nelbo_loss + wdn * (norm_loss + bn_loss)
     aux = dict(out=out, beta=beta, gamma=gamma, alpha=alpha, kl_vals=kl_vals,
                balanced_kl=balanced_kl, nelbo_loss=nelbo_loss, norm_loss=norm_loss,
-               bn_loss=bn_loss, wdn_coeff=wdn, sigmas=sigmas, conv_kernels=upd[CONV_KERNELS],
+               bn_loss=bn_loss, wdn_coeff=wdn, conv_kernels=upd[CONV_KERNELS],
                batch_stats=upd.get('batch_stats', {}), spectral=spectral)
     return loss, aux
 

@@ -1,19 +1,25 @@
 """Spectral and batch-norm regularisers of NVAE.
 
 **Spectral regulariser.**  For every convolution (weight-normalised or not, masked AR convs with
-their mask) take the effective kernel as the matrix M = W~.view(C_out, C_in/groups * kh * kw)
-(PyTorch's OIHW flattening, so the right singular vectors are comparable with the original's).
-Power iteration with persistent vectors, normalize(a) = a / max(||a||, 1e-3):
+their mask) the effective kernel is a matrix M = W~.view(C_out, C_in/groups * kh * kw).  Power
+iteration with persistent vectors, normalize(a) = a / max(||a||, 1e-3):
 
     v <- normalize(u^T M),   u <- normalize(M v)
 
 run 40 times on the first call (the vectors start as normalised N(0, 1) draws) and 4 times on every
 later call, without gradient.  Then sigma(M) = u^T M v with the gradient flowing through M only,
-and L_SR = sum over convs of sigma.  Matrices of the same shape are iterated as one batch.
+and L_SR = sum over convs of sigma.
 
-State (the ``'spectral'`` collection, checkpointed with the model): ``{'u': tree, 'v': tree,
-'calls': int32}`` where the trees mirror the module paths of the convs (``u`` [C_out], ``v``
-[C_in/groups * kh * kw] per conv) and ``calls`` counts the updates (0 = fresh: use 40 iterations).
+Convs whose matrices have the same shape are iterated as one batch, and the state is kept per
+such group, as in the original: the ``'spectral'`` collection (checkpointed with the model) is
+``{'u': {key: [n, rows]}, 'v': {key: [n, cols]}, 'calls': int32}`` with ``key = 'o<rows>_i<cols>'``
+and the n convs of a group in the order of their sorted module paths; ``calls`` counts the updates
+(0 = fresh: 40 iterations).  Grouping keeps the compiled program small (a few ops per group rather
+than per conv), which matters for models with hundreds of convs.
+
+Layout: the columns of v follow the HWIO kernel's (kh, kw, C_in) flattening, i.e. the matrix is
+kernel.reshape(kh kw C_in, C_out)^T; singular values and u are those of PyTorch's OIHW
+flattening, and v is a fixed permutation of it (``torch_v_to_hwi``).
 
 **BN regulariser.**  L_BN = sum over batch-norm layers of max_c |gamma_c| (``scale``).
 """
@@ -24,6 +30,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from jax import lax
 
@@ -39,12 +46,32 @@ def kernel_matrix(kernel: jax.Array) -> jax.Array:
   return jnp.transpose(kernel, (3, 2, 0, 1)).reshape(kernel.shape[3], -1)
 
 
-def _flat_kernels(conv_kernels: Mapping[str, Any]) -> dict[tuple[str, ...], jax.Array]:
+def torch_v_to_hwi(v: np.ndarray, kernel_shape) -> np.ndarray:
+  """A right vector over PyTorch's (I, kh, kw) columns -> this module's (kh, kw, I) columns."""
+  kh, kw, i, _ = kernel_shape
+  return np.asarray(v).reshape(v.shape[:-1] + (i, kh, kw)).transpose(
+      tuple(range(v.ndim - 1)) + (v.ndim, v.ndim + 1, v.ndim - 1)).reshape(v.shape)
+
+
+def group_key(kernel_shape) -> str:
+  kh, kw, i, o = kernel_shape
+  return f'o{o}_i{kh * kw * i}'
+
+
+def conv_groups(conv_kernels: Mapping[str, Any]) -> dict[str, list[tuple[str, ...]]]:
+  """{group key: sorted module paths} of the convs in a ``'conv_kernels'`` collection."""
+  groups: dict[str, list[tuple[str, ...]]] = {}
+  for path, kernel in sorted(_flat_kernels(conv_kernels).items()):
+    groups.setdefault(group_key(kernel.shape), []).append(path)
+  return groups
+
+
+def _flat_kernels(conv_kernels: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
   """{module path: kernel} from the sown ``'conv_kernels'`` collection."""
   flat = traverse_util.flatten_dict(dict(conv_kernels))
   out = {}
   for path, value in flat.items():
-    if path[-1] != 'kernel':
+    if path[-1] != 'kernel' or len(value.shape) != 4:
       raise ValueError(f'{CONV_KERNELS}: unexpected entry {"/".join(path)}')
     out[path[:-1]] = value
   return out
@@ -55,27 +82,35 @@ def _normalize(a: jax.Array) -> jax.Array:
   return a / jnp.maximum(norm, NORMALIZE_EPS)
 
 
+def _sizes(key: str) -> tuple[int, int]:
+  o, i = key[1:].split('_i')
+  return int(o), int(i)
+
+
 def init_spectral_state(conv_kernels: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
   """Fresh state: normalised N(0, 1) vectors for every conv in ``conv_kernels``."""
-  flat = _flat_kernels(conv_kernels)
+  groups = conv_groups(conv_kernels)
+  keys = jax.random.split(rng, 2 * max(len(groups), 1))
   u, v = {}, {}
-  keys = jax.random.split(rng, 2 * max(len(flat), 1))
-  for i, (path, kernel) in enumerate(sorted(flat.items())):
-    rows, cols = kernel.shape[3], kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
-    u[path] = _normalize(jax.random.normal(keys[2 * i], (rows,), jnp.float32))
-    v[path] = _normalize(jax.random.normal(keys[2 * i + 1], (cols,), jnp.float32))
-  return {'u': traverse_util.unflatten_dict(u), 'v': traverse_util.unflatten_dict(v),
-          'calls': jnp.zeros((), jnp.int32)}
+  for j, (key, paths) in enumerate(sorted(groups.items())):
+    rows, cols = _sizes(key)
+    u[key] = _normalize(jax.random.normal(keys[2 * j], (len(paths), rows), jnp.float32))
+    v[key] = _normalize(jax.random.normal(keys[2 * j + 1], (len(paths), cols), jnp.float32))
+  return {'u': u, 'v': v, 'calls': jnp.zeros((), jnp.int32)}
 
 
-def power_iteration(mats: jax.Array, u: jax.Array, v: jax.Array, num_iters) -> tuple:
-  """``num_iters`` batched steps v = normalize(u^T M), u = normalize(M v) (no gradient)."""
+def power_iteration(mats: dict, u: dict, v: dict, num_iters) -> tuple[dict, dict]:
+  """``num_iters`` steps v = normalize(u^T M), u = normalize(M v) on every group (no gradient).
+
+  ``mats[k]`` is [n, cols, rows] (the transposed matrices), ``u[k]`` [n, rows], ``v[k]``
+  [n, cols].
+  """
   mats = lax.stop_gradient(mats)
 
   def body(_, uv):
     u, v = uv
-    v = _normalize(jnp.einsum('nr,nrc->nc', u, mats))
-    u = _normalize(jnp.einsum('nrc,nc->nr', mats, v))
+    v = {k: _normalize(jnp.einsum('ncr,nr->nc', mats[k], u[k])) for k in mats}
+    u = {k: _normalize(jnp.einsum('ncr,nc->nr', mats[k], v[k])) for k in mats}
     return u, v
 
   return lax.fori_loop(0, num_iters, body, (lax.stop_gradient(u), lax.stop_gradient(v)))
@@ -92,40 +127,35 @@ def spectral_loss(conv_kernels: Mapping[str, Any], state: Mapping[str, Any],
       ``0`` evaluates sigma = u^T M v with the stored vectors as they are.
 
   Returns:
-    (loss, new_state, sigmas) with ``sigmas`` a {module path: sigma} dict.
+    (loss, new_state, sigmas) with ``sigmas`` a {group key: [n]} dict (convs in sorted path
+    order, see :func:`conv_groups`).
   """
   kernels = _flat_kernels(conv_kernels)
-  u_flat = traverse_util.flatten_dict(dict(state['u']))
-  v_flat = traverse_util.flatten_dict(dict(state['v']))
-  missing = sorted(set(kernels) - set(u_flat))
-  extra = sorted(set(u_flat) - set(kernels))
-  if missing or extra:
-    raise ValueError('spectral state does not match the model convs: missing '
-                     f'{["/".join(p) for p in missing]}, unused {["/".join(p) for p in extra]}')
+  groups = conv_groups(conv_kernels)
+  u0, v0 = dict(state['u']), dict(state['v'])
+  problems = []
+  for key, paths in groups.items():
+    rows, cols = _sizes(key)
+    if key not in u0 or key not in v0:
+      problems.append(f'{key}: no vectors for {len(paths)} convs')
+    elif u0[key].shape != (len(paths), rows) or v0[key].shape != (len(paths), cols):
+      problems.append(f'{key}: vectors {u0[key].shape}, {v0[key].shape} for {len(paths)} convs '
+                      f'of {rows}x{cols}')
+  extra = sorted(set(u0) - set(groups))
+  if problems or extra:
+    raise ValueError(f'spectral state does not match the model convs: {problems}; unused groups '
+                     f'{extra}')
   calls = state['calls']
   if num_iters is None:
     num_iters = jnp.where(calls == 0, FIRST_CALL_ITERS, ITERS)
-  groups: dict[tuple[int, int], list[tuple[str, ...]]] = {}
-  mats = {p: kernel_matrix(k.astype(jnp.float32)) for p, k in kernels.items()}
-  for p in sorted(mats):
-    groups.setdefault(mats[p].shape, []).append(p)
-  new_u, new_v, sigmas = {}, {}, {}
-  loss = jnp.zeros((), jnp.float32)
-  for shape, paths in groups.items():
-    m = jnp.stack([mats[p] for p in paths])
-    u0 = jnp.stack([u_flat[p] for p in paths])
-    v0 = jnp.stack([v_flat[p] for p in paths])
-    if shape[0] != u0.shape[1] or shape[1] != v0.shape[1]:
-      raise ValueError(f'spectral state: vectors {u0.shape[1:]}, {v0.shape[1:]} do not fit '
-                       f'matrices {shape} at {"/".join(paths[0])}')
-    u, v = power_iteration(m, u0, v0, num_iters)
-    sigma = jnp.einsum('nr,nrc,nc->n', u, m, v)
-    loss = loss + jnp.sum(sigma)
-    for i, p in enumerate(paths):
-      new_u[p], new_v[p], sigmas[p] = u[i], v[i], sigma[i]
-  new_state = {'u': traverse_util.unflatten_dict(new_u),
-               'v': traverse_util.unflatten_dict(new_v), 'calls': calls + 1}
-  return loss, new_state, sigmas
+  mats = {}
+  for key, paths in groups.items():
+    rows, _ = _sizes(key)
+    mats[key] = jnp.stack([kernels[p].astype(jnp.float32).reshape(-1, rows) for p in paths])
+  u, v = power_iteration(mats, {k: u0[k] for k in mats}, {k: v0[k] for k in mats}, num_iters)
+  sigmas = {k: jnp.einsum('nc,ncr,nr->n', v[k], mats[k], u[k]) for k in mats}
+  loss = sum((jnp.sum(s) for s in sigmas.values()), jnp.zeros((), jnp.float32))
+  return loss, {'u': u, 'v': v, 'calls': calls + 1}, sigmas
 
 
 def batchnorm_loss(params: Mapping[str, Any], batch_stats: Mapping[str, Any]) -> jax.Array:
