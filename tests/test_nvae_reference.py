@@ -2,9 +2,11 @@
 
 Each fixture is replayed once: its weights converted from the original state_dict, its input
 and reparameterisation noise, one jitted forward + gradient of nelbo_loss in train mode and four
-eval-mode passes for the importance-weighted likelihood.  The test then checks every quantity of ``nvae_jax.convert.check_reference`` against its tolerance (1e-5 relative on the
-forward quantities and BN statistics, 1e-4 on gradients; see that module for the metric and for
-the few quantities that are zero in exact arithmetic).
+eval-mode passes for the importance-weighted likelihood.  The test then checks every quantity of
+``nvae_jax.convert.check_reference`` against its tolerance (1e-5 relative on the forward
+quantities and BN statistics, 1e-4 on gradients; see that module for the metric and for the few
+quantities that are zero in exact arithmetic).  The task's own entry points (loss, evaluate,
+sample, describe, bfloat16 with remat) run on the cifar_tiny_s0 weights.
 
 Cost control (compilation dominates): XLA backend optimisation level 0 (about half the CPU
 compile time of a full optimisation, same float32 semantics) and the lax depthwise conv, which

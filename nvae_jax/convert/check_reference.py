@@ -212,7 +212,7 @@ def run_check(folder, depthwise_impl: str = 'auto',
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from nvae_jax.convert import from_torch_names as ftn  # pylint: disable=import-outside-toplevel
-  from nvae_jax.models.nvae import importance_weighted_nll  # pylint: disable=import-outside-toplevel
+  from nvae_jax.models import nvae  # pylint: disable=import-outside-toplevel
   from nvae_jax.objectives import kernel_matrix  # pylint: disable=import-outside-toplevel
 
   fx = folder if isinstance(folder, Fixture) else load_fixture(folder, depthwise_impl)
@@ -240,7 +240,7 @@ def run_check(folder, depthwise_impl: str = 'auto',
 
     eval_fn = jit_compile(eval_log_w, compiler_options, fx.eps_eval[0])
     log_w = jnp.stack([eval_fn(e) for e in fx.eps_eval])
-    iw_log_px = -importance_weighted_nll(log_w)
+    iw_log_px = -nvae.importance_weighted_nll(log_w)
 
   out = aux['out']
   records = []

@@ -5,8 +5,8 @@ From raw network outputs (mu_raw, l_raw) and a temperature t:
     mu    = 5 tanh(mu_raw / 5)                       (soft clamp to (-5, 5))
     sigma = (exp(5 tanh(l_raw / 5)) + 0.01) * t       (floor 0.01 before the temperature)
 
-Residual posterior (``--res_dist``): q = LatentNormal.from_raw(mu_p_raw + dmu_raw, l_p_raw + dl_raw),
-i.e. the raw parameters are added *before* the soft clamp.  The top prior is
+Residual posterior (``--res_dist``): q = from_raw(mu_p_raw + dmu_raw, l_p_raw + dl_raw), i.e. the
+raw parameters are added *before* the soft clamp.  The top prior is
 ``from_raw(0, 0)`` = N(0, 1.01^2).
 
 Element-wise densities (summing is left to the caller):

@@ -69,7 +69,9 @@ def initial_log_weight_norm(kernel: jax.Array, scale: float = 1.0) -> jax.Array:
 
 def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
                    dilation: int = 1, impl: str = 'lax') -> jax.Array:
-  """Depthwise 2-D convolution: out[..., c] = sum_{i,j} pad(x)[.., i*d + s*y, j*d + s*x, c] k[i,j,0,c].
+  """Depthwise 2-D convolution.
+
+  out[b, y, x, c] = sum_{i,j} pad(x)[b, s y + d i, s x + d j, c] k[i, j, 0, c].
 
   Args:
     x: [B, H, W, C].

@@ -1,4 +1,4 @@
-"""KL warm-up, KL balancing and the regulariser weight of NVAE (Vahdat & Kautz 2020, §2 of the spec).
+"""KL warm-up, KL balancing and the regulariser weight of NVAE (nvae_spec.md §2).
 
 KL warm-up (``utils.kl_coeff`` of the original), with N the total number of training steps:
 
