@@ -209,11 +209,9 @@ def run_check(folder, depthwise_impl: str = 'auto',
       CPU compile time in tests).
   """
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from nvae_jax.convert import from_torch_names as ftn  # pylint: disable=import-outside-toplevel
   from nvae_jax.models import nvae  # pylint: disable=import-outside-toplevel
-  from nvae_jax.objectives import kernel_matrix  # pylint: disable=import-outside-toplevel
 
   fx = folder if isinstance(folder, Fixture) else load_fixture(folder, depthwise_impl)
   io, task, conv = fx.io, fx.task, fx.conversion
@@ -239,9 +237,12 @@ def run_check(folder, depthwise_impl: str = 'auto',
       return -out['recon'] - out['log_q'] + out['log_p']
 
     eval_fn = jit_compile(eval_log_w, compiler_options, fx.eps_eval[0])
-    log_w = jnp.stack([eval_fn(e) for e in fx.eps_eval])
-    iw_log_px = -nvae.importance_weighted_nll(log_w)
+    log_w = np.stack([np.asarray(eval_fn(e)) for e in fx.eps_eval])
+    iw_log_px = -np.asarray(jax.jit(nvae.importance_weighted_nll)(log_w))
 
+  # Post-processing in numpy (eager jnp ops would each be compiled).
+  aux = jax.tree.map(np.asarray, aux)
+  grads = jax.tree.map(np.asarray, grads)
   out = aux['out']
   records = []
 
@@ -286,7 +287,8 @@ def run_check(folder, depthwise_impl: str = 'auto',
   add('kl_coeff', aux['beta'], io['kl_coeff'])
   add('nelbo_loss', aux['nelbo_loss'], io['nelbo_loss'])
   add('norm_loss', aux['norm_loss'], io['norm_loss'])
-  exact = sum(np.linalg.svd(np.asarray(kernel_matrix(k), np.float64), compute_uv=False)[0]
+  exact = sum(np.linalg.svd(np.asarray(k, np.float64).reshape(-1, k.shape[-1]),
+                            compute_uv=False)[0]
               for k in jax.tree.leaves(aux['conv_kernels']))
   add('norm_loss_exact', exact, io['norm_loss_exact'])
   add('bn_loss', aux['bn_loss'], io['bn_loss'])
