@@ -26,7 +26,10 @@ Field reference (the platform validates these before any compilation):
   ``nothing_saveable`` / ``dots_saveable``).
 * ``mesh``: ``data`` (devices on the data axis, -1 = all), ``fsdp`` (1 = replicated parameters).
 * ``eval``: ``split``, ``num_importance_samples``, ``importance_chunk``.
-* ``sample``: ``num``, ``temperature``.
+* ``sample``: ``num``, ``temperature``, ``readjust_bn_steps`` / ``readjust_bn_batch`` (models
+  with a ``prepare_sampling`` hook, i.e. NVAE, re-estimate their decoder batch-norm statistics
+  at the sampling temperature from that many train-mode prior passes of that batch, cached in the
+  workdir; 0 steps = use the training statistics).
 """
 
 import ml_collections
@@ -58,5 +61,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.eval = ml_collections.ConfigDict(dict(split='test', num_importance_samples=1,
                                           importance_chunk=1))
-  c.sample = ml_collections.ConfigDict(dict(num=64, temperature=1.0))
+  c.sample = ml_collections.ConfigDict(dict(num=64, temperature=1.0, readjust_bn_steps=500,
+                                            readjust_bn_batch=16))
   return c

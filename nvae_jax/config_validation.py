@@ -174,3 +174,5 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   _at_least('sample.num', config.sample.num, 1, 'a positive int')
   if not config.sample.temperature > 0:
     _fail('sample.temperature', 'a positive temperature', config.sample.temperature)
+  _at_least('sample.readjust_bn_steps', config.sample.readjust_bn_steps, 0, 'an int >= 0')
+  _at_least('sample.readjust_bn_batch', config.sample.readjust_bn_batch, 2, 'an int >= 2')

@@ -122,8 +122,13 @@ def sample_checkpoint(config, workdir: str, *, output: str = '', task=None) -> d
   num, temperature = int(config.sample.num), float(config.sample.temperature)
   sampler = make_sampler(run.task, run.mesh, setup.variables_sharding(shardings), num,
                          temperature)
-  images = step_lib.to_host(sampler(state_lib.variables_of(state),
-                                    state_lib.stream_key(config.seed, state_lib.SAMPLE_STREAM)))
+  variables = state_lib.variables_of(state)
+  rng = state_lib.stream_key(config.seed, state_lib.SAMPLE_STREAM)
+  prepare = getattr(run.task, 'prepare_sampling', None)
+  if prepare is not None:  # e.g. NVAE's batch-norm re-estimation at this temperature
+    variables = prepare(variables, jax.random.fold_in(rng, 1), temperature,
+                        os.path.join(workdir, 'bn_stats', f'step{step}'))
+  images = step_lib.to_host(sampler(variables, rng))
   path = output or os.path.join(workdir, f'samples_T{temperature:g}_step{step}.png')
   if jax.process_index() == 0:
     write_grid(path, images)

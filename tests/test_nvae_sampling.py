@@ -256,3 +256,21 @@ def test_bad_arguments(setup):
     ns.reestimate_bn(task, v, jax.random.key(0), T, steps=1, batch=1)
   with pytest.raises(ValueError, match='temperature'):
     ns.reestimate_bn(task, v, jax.random.key(0), float('nan'), steps=1)
+
+
+def test_prepare_sampling_hook_uses_the_cache(setup, tmp_path):
+  """``--mode=sample`` calls ``task.prepare_sampling``: re-estimated decoder BN stats, cached."""
+  task, v, _ = setup
+  d = str(tmp_path)
+  steps, batch = task.config.sample.readjust_bn_steps, task.config.sample.readjust_bn_batch
+  task.config.sample.readjust_bn_steps, task.config.sample.readjust_bn_batch = 2, BATCH
+  try:
+    prepared = task.prepare_sampling(v, jax.random.key(4), T, d)
+    expected, info = ns.cached_bn_stats(task, v, jax.random.key(4), T, d, steps=2, batch=BATCH)
+    assert info['cached']  # written by the hook, with the same settings
+    jax.tree.map(np.testing.assert_array_equal, prepared['batch_stats'], expected)
+    assert prepared['params'] is v['params']
+    task.config.sample.readjust_bn_steps = 0
+    assert task.prepare_sampling(v, jax.random.key(4), T, d) is v  # 0 steps: training stats
+  finally:
+    task.config.sample.readjust_bn_steps, task.config.sample.readjust_bn_batch = steps, batch

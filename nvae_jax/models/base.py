@@ -64,6 +64,10 @@ class ModelTask(Protocol):
   def reconstruct(self, variables: Variables, batch: Batch, rng: jax.Array) -> jax.Array:
     """Returns reconstructions of ``batch['image']``, float32 in ``[0, 1]``."""
 
+  # Optional: ``prepare_sampling(variables, rng, temperature, cache_dir) -> variables``, called
+  # before sampling from a checkpoint (NVAE re-estimates its decoder batch-norm statistics at the
+  # sampling temperature there, cached under ``cache_dir``).
+
   def describe(self) -> dict[str, Any]:
     """Static description: ``{'inputs': shape, 'latents': [...], 'outputs': shape,
     'likelihood': {'name': str, 'continuous': bool}}`` (shapes per example)."""

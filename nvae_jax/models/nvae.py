@@ -677,6 +677,18 @@ class NVAETask:
       return model.apply(v, net_out, method=NVAE.output_mean)
     return model.apply(v, net_out, k_x, 1.0, method=NVAE.output_sample)
 
+  def prepare_sampling(self, variables, rng, temperature, cache_dir):
+    """Decoder BN statistics re-estimated at ``temperature`` (``nvae_jax.nvae_sampling``), cached
+    as ``cache_dir/bn_t<t>.npz``; ``config.sample.readjust_bn_steps = 0`` keeps the training ones."""
+    steps = int(self.config.sample.get('readjust_bn_steps', 0))
+    if steps <= 0 or 'batch_stats' not in variables:
+      return variables
+    from nvae_jax import nvae_sampling  # pylint: disable=import-outside-toplevel
+    stats, _ = nvae_sampling.cached_bn_stats(
+        self, variables, rng, temperature, cache_dir, steps=steps,
+        batch=int(self.config.sample.get('readjust_bn_batch', 16)))
+    return {**variables, 'batch_stats': stats}
+
   def reconstruct(self, variables, batch, rng):
     x = self._images(batch)
     out, _ = self.forward(variables, x, False, rng=rng)
