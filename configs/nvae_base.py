@@ -188,6 +188,7 @@ def small_model(c: ml_collections.ConfigDict, *, channels: int = 16, pre: tuple[
   c.train.num_eval_batches = 5
   c.precision.compute_dtype = 'float32'
   c.remat.policy = 'none'
+  c.sample.readjust_bn_steps = 50  # BN re-estimation before sampling: 50 passes on a CPU
   return c
 
 

@@ -42,9 +42,12 @@ output distribution's mean.
 Command line (after training with ``nvae_jax.main``)::
 
   python -m nvae_jax.nvae_sampling --config=configs/nvae_mnist.py:small --workdir=W \
-      --temperature=0.8 --num=64 [--readjust_steps=500 --readjust_batch=16] [--no_readjust]
+      --temperature=0.8 --num=64 [--readjust_steps=500 --readjust_batch=16] [--noreadjust]
+      [--output_temperature=1.0 --output_mode=auto|sample|mean]
 
-writes ``W/samples_t<t>.png`` (and the cache ``W/bn_stats/step<N>/bn_t<t>.npz``).
+writes ``W/samples_t<t>.png`` (and the cache ``W/bn_stats/step<N>/bn_t<t>.npz``, the same one
+``--mode=sample`` of ``nvae_jax.main`` uses through ``NVAETask.prepare_sampling``). Unlike
+``--mode=sample`` it sets the output temperature and mode and the re-estimation momentum.
 """
 
 from __future__ import annotations
@@ -367,8 +370,10 @@ def _define_flags(argv):
                        flag_values=fv)
   flags.DEFINE_bool('readjust', True, 'Re-estimate BN statistics at the temperature.',
                     flag_values=fv)
-  flags.DEFINE_integer('readjust_steps', 500, 'Train-mode prior passes.', flag_values=fv)
-  flags.DEFINE_integer('readjust_batch', 16, 'Images per pass.', flag_values=fv)
+  flags.DEFINE_integer('readjust_steps', None, 'Train-mode prior passes (default '
+                       'config.sample.readjust_bn_steps).', flag_values=fv)
+  flags.DEFINE_integer('readjust_batch', None, 'Images per pass (default '
+                       'config.sample.readjust_bn_batch).', flag_values=fv)
   flags.DEFINE_float('readjust_momentum', 0.05, 'EMA momentum (0 = plain average).',
                      flag_values=fv)
   flags.DEFINE_string('output', '', 'PNG path (default WORKDIR/samples_t<t>.png).',
@@ -401,12 +406,16 @@ def main(argv=None) -> dict[str, Any]:
   num = config.sample.num if fv.num is None else fv.num
   rng = jax.random.key(fv.seed)
   info: dict[str, Any] = {}
-  if fv.readjust:
+  steps = (config.sample.get('readjust_bn_steps', 500) if fv.readjust_steps is None
+           else fv.readjust_steps)
+  batch = (config.sample.get('readjust_bn_batch', 16) if fv.readjust_batch is None
+           else fv.readjust_batch)
+  if fv.readjust and steps > 0:
     momentum = fv.readjust_momentum or None
     stats, info = cached_bn_stats(
         run.task, variables, jax.random.fold_in(rng, 1), t,
-        os.path.join(fv.workdir, 'bn_stats', f'step{step}'), steps=fv.readjust_steps,
-        batch=fv.readjust_batch, momentum=momentum, log=print)
+        os.path.join(fv.workdir, 'bn_stats', f'step{step}'), steps=steps, batch=batch,
+        momentum=momentum, log=print)
     variables = dict(variables, batch_stats=stats)
   sampler = make_sampler(run.task, variables, num, temperature=t,
                          output_temperature=fv.output_temperature, output=fv.output_mode)
