@@ -1,0 +1,174 @@
+r"""Train-step compile time and step time of an NVAE config, printed as one JSON line.
+
+  python benchmarks/nvae_step.py                                   # CIFAR-10, published model
+  python benchmarks/nvae_step.py --config=configs/nvae_mnist.py:small --batch_per_device=8
+  python benchmarks/nvae_step.py --set model.num_groups_per_scale=10 --set precision.compute_dtype=float32
+
+What is timed is the platform's real update (``nvae_jax.train.step.make_train_step``: forward,
+loss with KL balancing and the spectral/BN regularisers, gradient, Adamax, donated state) on a
+mesh over every local device, with the global batch = batch_per_device x devices, random
+quantised images as input.
+
+* ``compile_s``: lowering + XLA compilation of the update (``jit(...).lower(...).compile()``);
+* ``first_step_s``: the first call (includes the 40 power iterations of the spectral regulariser
+  only in the model's first step; not a steady-state figure);
+* ``step_ms``: median / min over ``--steps`` further calls, each waited for with
+  ``block_until_ready``;
+* ``compile_cpu_s``, ``step_cpu_ms_median``: the same in process CPU time (all threads), and
+  ``loadavg_1min`` before / after: on a shared CPU machine wall times depend on the other load,
+  CPU times much less.
+
+Defaults: the published per-GPU batch on accelerators; on CPU a reduced batch (``--cpu_batch``,
+default 2 per device) and float32, flagged in the output (``reduced_batch: true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The original per-GPU batch of each published config (nvae_spec.md §3); configs store the
+# global batch.
+PER_GPU_BATCH = {'nvae_mnist.py': 200, 'nvae_cifar10.py': 32, 'nvae_celeba64.py': 16,
+                 'nvae_imagenet32.py': 24, 'nvae_celebahq256.py': 4, 'nvae_ffhq256.py': 4,
+                 'nvae_celebahq256.py:24ch': 6, 'nvae_ffhq256.py:24ch': 6}
+
+
+def load_config(spec: str):
+  """``path.py[:arg]`` -> ``get_config(arg)`` (the ml_collections config-file convention)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(ROOT, path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--config: no config file at {path}')
+  mod_spec = importlib.util.spec_from_file_location('_bench_config', path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)
+
+
+def apply_override(config, assignment: str) -> None:
+  """``a.b.c=value`` with the value parsed as the existing field's type."""
+  key, sep, text = assignment.partition('=')
+  if not sep:
+    raise ValueError(f'--set: expected FIELD=VALUE, got {assignment!r}')
+  *parents, leaf = key.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f'--set: unknown field {key!r}')
+  old = node[leaf]
+  if isinstance(old, bool):
+    value = text.lower() in ('1', 'true', 'yes')
+  elif isinstance(old, int):
+    value = int(text)
+  elif isinstance(old, float):
+    value = float(text)
+  else:
+    value = text
+  node[leaf] = value
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--config', default='configs/nvae_cifar10.py')
+  parser.add_argument('--batch_per_device', type=int, default=0,
+                      help='0: the config batch / its GPU count on accelerators, '
+                           '--cpu_batch on CPU')
+  parser.add_argument('--cpu_batch', type=int, default=2)
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
+  args = parser.parse_args(argv)
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train import setup, step as step_lib  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+
+  config = load_config(args.config)
+  platform = jax.devices()[0].platform
+  ndev = jax.device_count()
+  published_global = int(config.data.batch_size)
+  reduced = False
+  if args.batch_per_device:
+    per_device = args.batch_per_device
+  elif platform == 'cpu':
+    per_device = args.cpu_batch
+    reduced = True
+    config.precision.compute_dtype = 'float32'
+  else:
+    per_device = PER_GPU_BATCH.get(os.path.basename(args.config),
+                                   max(1, published_global // ndev))
+  for assignment in args.set:
+    apply_override(config, assignment)
+  config.data.batch_size = per_device * ndev
+  config.data.eval_batch_size = per_device * ndev
+
+  run = setup.build(config)
+  shape = tuple(image_shape(config.data))
+  spec = setup.batch_spec(shape, config.data.batch_size)
+  abstract, shardings = setup.abstract_state(run, spec)
+  update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings)
+
+  levels = 2 if config.data.binarize != 'none' else 2**int(config.data.num_bits)
+  rng = np.random.default_rng(0)
+  host = {'image': (rng.integers(0, levels, (config.data.batch_size,) + shape)
+                    / (levels - 1)).astype(np.float32),
+          'mask': np.ones((config.data.batch_size,), np.float32)}
+  batch = step_lib.put_batch(host, run.mesh)
+
+  load_before = os.getloadavg()[0]
+  t0, c0 = time.perf_counter(), time.process_time()
+  compiled = update.lower(abstract, batch).compile()
+  compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+
+  state = setup.init_state(run, batch, shardings)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  first_step_s = time.perf_counter() - t0
+  times, cpu = [], []
+  for _ in range(args.steps):
+    t0, c0 = time.perf_counter(), time.process_time()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  loss = float(metrics['loss'])
+
+  out = dict(
+      benchmark='nvae_step', device=str(jax.devices()[0].device_kind), platform=platform,
+      num_devices=ndev, jax_version=jax.__version__, config=args.config,
+      overrides=args.set, batch_per_device=per_device, global_batch=config.data.batch_size,
+      published_global_batch=published_global, reduced_batch=reduced,
+      compute_dtype=config.precision.compute_dtype, remat=config.remat.policy,
+      image_shape=list(shape), params=state_lib.num_params(abstract['params']),
+      compile_s=round(compile_s, 2), compile_cpu_s=round(compile_cpu_s, 2),
+      first_step_s=round(first_step_s, 3),
+      step_ms_median=round(1e3 * statistics.median(times), 1),
+      step_ms_min=round(1e3 * min(times), 1), steps_timed=len(times),
+      step_cpu_ms_median=round(1e3 * statistics.median(cpu), 1),
+      cpu_count=os.cpu_count(), loadavg_1min=[round(load_before, 2),
+                                              round(os.getloadavg()[0], 2)],
+      images_per_s=round(config.data.batch_size / statistics.median(times), 2),
+      loss_finite=bool(np.isfinite(loss)),
+      command='python ' + ' '.join([os.path.relpath(__file__, ROOT)] + list(
+          sys.argv[1:] if argv is None else argv)))
+  print(json.dumps(out), flush=True)
+  return out
+
+
+if __name__ == '__main__':
+  main()
