@@ -109,7 +109,21 @@ class _SigmoidMeanGaussian(nn.Module):
     return self._split(net_out)[0]
 
 
-class GaussianFixed(_SigmoidMeanGaussian):
+class _ScalarSigmaGaussian(_SigmoidMeanGaussian):
+  """One log sigma for every element, from the subclass's ``_log_sigma()``."""
+
+  def log_prob(self, net_out, x, train: bool = False):
+    del train
+    self._check(net_out, x)
+    return self._log_prob_with(self._split(net_out)[0], x, self._log_sigma())
+
+  def sample(self, net_out, rng, temperature: float = 1.0):
+    self._check(net_out, None)
+    mean = self._split(net_out)[0]
+    return _sample_clipped(rng, mean, jnp.exp(self._log_sigma()), temperature, 0.0, 1.0)
+
+
+class GaussianFixed(_ScalarSigmaGaussian):
   """Gaussian with a constant log sigma (``log_sigma``, default 0 = unit variance)."""
 
   log_sigma: float = 0.0
@@ -122,18 +136,8 @@ class GaussianFixed(_SigmoidMeanGaussian):
     return softclip(jnp.asarray(self.log_sigma, jnp.float32), self.log_sigma_min,
                     self.log_sigma_max)
 
-  def log_prob(self, net_out, x, train: bool = False):
-    del train
-    self._check(net_out, x)
-    return self._log_prob_with(self._split(net_out)[0], x, self._log_sigma())
 
-  def sample(self, net_out, rng, temperature: float = 1.0):
-    self._check(net_out, None)
-    mean = self._split(net_out)[0]
-    return _sample_clipped(rng, mean, jnp.exp(self._log_sigma()), temperature, 0.0, 1.0)
-
-
-class GaussianShared(_SigmoidMeanGaussian):
+class GaussianShared(_ScalarSigmaGaussian):
   """Gaussian with one learned scalar log sigma (parameter ``log_sigma``, initialised to 0)."""
 
   log_sigma_min: Optional[float] = -6.0
@@ -146,16 +150,6 @@ class GaussianShared(_SigmoidMeanGaussian):
 
   def _log_sigma(self):
     return softclip(self.raw_log_sigma, self.log_sigma_min, self.log_sigma_max)
-
-  def log_prob(self, net_out, x, train: bool = False):
-    del train
-    self._check(net_out, x)
-    return self._log_prob_with(self._split(net_out)[0], x, self._log_sigma())
-
-  def sample(self, net_out, rng, temperature: float = 1.0):
-    self._check(net_out, None)
-    mean = self._split(net_out)[0]
-    return _sample_clipped(rng, mean, jnp.exp(self._log_sigma()), temperature, 0.0, 1.0)
 
 
 class GaussianOptimal(_SigmoidMeanGaussian):
