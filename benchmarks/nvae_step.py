@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
-  from nvae_jax.train import setup, step as step_lib  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train import build, step as step_lib  # pylint: disable=import-outside-toplevel
   from nvae_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
 
   config = load_config(args.config)
@@ -125,10 +125,10 @@ def main(argv=None) -> dict:
   config.data.batch_size = per_device * ndev
   config.data.eval_batch_size = per_device * ndev
 
-  run = setup.build(config)
+  run = build.build(config)
   shape = tuple(image_shape(config.data))
-  spec = setup.batch_spec(shape, config.data.batch_size)
-  abstract, shardings = setup.abstract_state(run, spec)
+  spec = build.batch_spec(shape, config.data.batch_size)
+  abstract, shardings = build.abstract_state(run, spec)
   update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings)
 
   levels = 2 if config.data.binarize != 'none' else 2**int(config.data.num_bits)
@@ -143,7 +143,7 @@ def main(argv=None) -> dict:
   compiled = update.lower(abstract, batch).compile()
   compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
-  state = setup.init_state(run, batch, shardings)
+  state = build.init_state(run, batch, shardings)
   jax.block_until_ready(state)
   t0 = time.perf_counter()
   state, metrics = compiled(state, batch)

@@ -169,14 +169,14 @@ def check_same_parameter_trees(overrides_a: dict, overrides_b: dict, batch_size:
   import jax
   sys.path.insert(0, ROOT)
   from configs import sigma_vae_mnist
-  from nvae_jax.train import setup
+  from nvae_jax.train import build
 
   def abstract(overrides):
     c = sigma_vae_mnist.get_config('gaussian_fixed')
     for k, v in overrides.items():
       c.model[k] = v
-    run = setup.build(c)
-    state, _ = setup.abstract_state(run, setup.batch_spec(IMAGE_SHAPE, batch_size))
+    run = build.build(c)
+    state, _ = build.abstract_state(run, build.batch_spec(IMAGE_SHAPE, batch_size))
     flat, tdef = jax.tree_util.tree_flatten_with_path(state)
     return tdef, [(jax.tree_util.keystr(p), x.shape, x.dtype) for p, x in flat]
 

@@ -26,7 +26,7 @@ Memory: on small GPUs add ``--config.remat.policy=nothing_saveable`` (the paper 
 checkpointing).
 """
 
-from configs import flow_base
+from nvae_jax.config import flow as flow_base
 
 
 def get_config(arg=None):

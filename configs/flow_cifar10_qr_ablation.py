@@ -13,7 +13,7 @@ Published result: QR ~ PLU ~ standard 1x1, QR equal or slightly better and more 
   done
 """
 
-from configs import flow_base
+from nvae_jax.config import flow as flow_base
 
 _CHOICES = ('conv1x1', 'plu', 'qr')
 

@@ -14,7 +14,7 @@ choice.
 Variants: a permutation name, and ``small`` (2 CPU cores).
 """
 
-from configs import flow_base
+from nvae_jax.config import flow as flow_base
 
 
 def get_config(arg=None):

@@ -22,7 +22,7 @@ briefly trained model is far from that (see benchmarks/flow_mnist_sweep.py for m
 quick smoke run; comma-separate it with a permutation, e.g. ``:small,periodic``.
 """
 
-from configs import flow_base
+from nvae_jax.config import flow as flow_base
 
 
 def get_config(arg=None):

@@ -32,7 +32,7 @@ nvae_jax (8 GPUs):
 (ada [2, 1]), 1 flow per group, batch 8, 3000 steps, float32.
 """
 
-from configs import nvae_base
+from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):

@@ -38,7 +38,7 @@ model, 0.01 bits/dim worse); ``:small`` (8 channels, 2 pre/post blocks x 1 cell,
 2 groups, batch 4, 2000 steps, float32, for 2 CPU cores).
 """
 
-from configs import nvae_base
+from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):

@@ -31,7 +31,7 @@ subset works: ``--config.data.name=npz
 --config.data.data_dir=../shared/data/cifar10_subset/cifar10_train_subset.npz``.
 """
 
-from configs import nvae_base
+from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):

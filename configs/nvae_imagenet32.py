@@ -35,7 +35,7 @@ nvae_jax (3 nodes x 8 GPUs; see launch/slurm_gpu.sbatch):
 1 flow per group, batch 16, 3000 steps, float32.
 """
 
-from configs import nvae_base
+from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):

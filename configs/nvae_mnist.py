@@ -29,7 +29,7 @@ nvae_jax (2 GPUs, data parallel, batch statistics over the global batch):
 (ada [2, 1]), 1 cell per conditional, batch 32, 3000 steps, float32.
 """
 
-from configs import nvae_base
+from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):

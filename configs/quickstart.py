@@ -27,7 +27,7 @@ JSON says ``"continuous": true``): they are not discrete likelihoods and may be 
 
 import ml_collections
 
-from configs.common import base_config
+from nvae_jax.config import base_config
 
 
 def get_config(arg=None):

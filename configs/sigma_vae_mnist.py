@@ -32,7 +32,7 @@ Not reproduced here yet (no GPU run in this project); the eval JSON marks Gaussi
 import ml_collections
 from ml_collections import config_dict
 
-from configs.common import base_config
+from nvae_jax.config import base_config
 
 DECODERS = ('bernoulli', 'gaussian_fixed', 'gaussian_shared', 'gaussian_optimal',
             'gaussian_optimal_per_image', 'gaussian_per_pixel', 'categorical',

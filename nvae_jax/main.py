@@ -10,7 +10,7 @@ r"""The command line: ``nvae-jax`` / ``python -m nvae_jax.main``.
 any field can be overridden with ``--config.section.field=value`` and unknown fields are errors.
 ``--distributed`` (or ``NVAE_JAX_DISTRIBUTED=1``) calls ``jax.distributed.initialize()`` first,
 for multi-process runs (see ``launch/``).  This module only parses flags; the work is done in
-``nvae_jax.train.loop``, ``nvae_jax.evaluate``, ``nvae_jax.sample`` and ``nvae_jax.train.setup``.
+``nvae_jax.train.loop``, ``nvae_jax.train.evaluate``, ``nvae_jax.train.sample`` and ``nvae_jax.train.build``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from nvae_jax.config_validation import ConfigError
+from nvae_jax.config.validation import ConfigError
 
 MODES = ('train', 'eval', 'sample', 'describe')
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -126,14 +126,14 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     from nvae_jax.train import loop
     return loop.train_and_evaluate(config, fv.workdir)
   if mode == 'eval':
-    from nvae_jax import evaluate
+    from nvae_jax.train import evaluate
     result = evaluate.evaluate_checkpoint(config, fv.workdir)
   elif mode == 'sample':
-    from nvae_jax import sample
+    from nvae_jax.train import sample
     result = sample.sample_checkpoint(config, fv.workdir, output=fv.output)
   else:
-    from nvae_jax.train import setup
-    result = setup.describe(config)
+    from nvae_jax.train import build
+    result = build.describe(config)
   _emit(result)
   return result
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import special, stats
 
-from configs.common import base_config
+from nvae_jax.config import base_config
 from nvae_jax.models import build_task
 from nvae_jax.models import conv_vae
 

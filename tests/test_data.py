@@ -16,7 +16,7 @@ from PIL import Image
 
 # configs/ is not part of the installed package; tests import it from the project root.
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from configs.common import base_config  # noqa: E402  pylint: disable=wrong-import-position
+from nvae_jax.config import base_config  # noqa: E402  pylint: disable=wrong-import-position
 from conftest import SHARED  # noqa: E402  pylint: disable=wrong-import-position
 from nvae_jax.data import image_shape, make_pipeline, make_pipeline_from_arrays  # noqa: E402
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import base_config
+from nvae_jax.config import base_config
 from nvae_jax.flows import dequantize as dq
 from nvae_jax.flows.coupling import AdditiveCoupling, AffineCoupling
 from nvae_jax.flows.permutations import Reverse, Shuffle, shuffle_permutation

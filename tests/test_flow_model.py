@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs.common import base_config
+from nvae_jax.config import base_config
 from nvae_jax.models import build_task, glow
 
 H, W, C, B = 8, 8, 1, 4

@@ -16,7 +16,7 @@ from absl import flags
 from PIL import Image
 
 from nvae_jax import main as main_lib
-from nvae_jax.config_validation import ConfigError
+from nvae_jax.config.validation import ConfigError
 
 NUM_EXAMPLES = 20  # per mock split; eval batches of 8 -> the last one is padded
 ROOT = os.path.join(os.path.dirname(__file__), '..')
@@ -34,7 +34,7 @@ TINY_QUICKSTART = (
 # A config file for the platform's own tiny test model (exact parameter count by hand).
 TINY_TEST_MODEL = '''
 import ml_collections
-from configs.common import base_config
+from nvae_jax.config import base_config
 import nvae_jax.train.testing  # registers tiny_test_vae
 
 
@@ -197,7 +197,7 @@ def test_missing_workdir_and_module_entry_point():
 def test_validate_types_and_ranges_of_config_files(section, field, value, pattern):
   """What a config *file* can get wrong (command-line overrides are type-checked by the flags)."""
   from configs.quickstart import get_config  # pylint: disable=import-outside-toplevel
-  from nvae_jax.config_validation import validate  # pylint: disable=import-outside-toplevel
+  from nvae_jax.config.validation import validate  # pylint: disable=import-outside-toplevel
   c = get_config()
   validate(c, num_devices=8)  # the quickstart itself is valid
   # A ConfigDict keeps a field's type once set, so a file gets a wrong type by building a

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import nvae_base
+from nvae_jax.config import nvae as nvae_base
 from conftest import SHARED
-from nvae_jax import config_validation
+from nvae_jax.config import validation as config_validation
 from nvae_jax.convert import official_keys as ok
 from nvae_jax.convert import torch_checkpoint as tc
 
@@ -189,7 +189,7 @@ def test_torch_checkpoint_converts_to_a_workdir(tmp_path):
   through the platform, and its forward pass reproduces the original's logits."""
   torch = pytest.importorskip('torch')
   from nvae_jax.data import image_shape
-  from nvae_jax.train import setup
+  from nvae_jax.train import build
   from nvae_jax.train import state as state_lib
 
   summary = json.load(open(os.path.join(FIXTURE, 'summary.json')))
@@ -209,8 +209,8 @@ def test_torch_checkpoint_converts_to_a_workdir(tmp_path):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   config = mod.get_config()
-  run = setup.build(config)
-  state, _, step, _ = setup.restore_latest(run, out, image_shape(config.data),
+  run = build.build(config)
+  state, _, step, _ = build.restore_latest(run, out, image_shape(config.data),
                                            config.data.batch_size)
   assert step == 1234
   variables = jax.device_get(state_lib.variables_of(state))

@@ -302,7 +302,7 @@ def test_latent_normal_kl_and_density():
 
 def _tiny_config():
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from configs import common  # pylint: disable=import-outside-toplevel
+  from nvae_jax.config import schema as common  # pylint: disable=import-outside-toplevel
   c = common.base_config()
   c.model = ml_collections.ConfigDict(dict(
       name='nvae', num_channels_enc=8, num_channels_dec=8, num_preprocess_blocks=1,

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import nvae_base
-from nvae_jax import nvae_sampling as ns
+from nvae_jax.config import nvae as nvae_base
+from nvae_jax.models.nvae import sampling as ns
 from nvae_jax.models import build_task
 from nvae_jax.models.nvae import NVAE
 from nvae_jax.nn.norm import BatchNorm

@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from nvae_jax import evaluate as eval_lib
-from nvae_jax import sample as sample_lib
+from nvae_jax.train import evaluate as eval_lib
+from nvae_jax.train import sample as sample_lib
 from nvae_jax.train import step as step_lib
 
 

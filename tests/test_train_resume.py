@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.common import base_config
+from nvae_jax.config import base_config
 from nvae_jax.data import make_pipeline
 from nvae_jax.train import checkpoint as ckpt_lib
 from nvae_jax.train import loop
 from nvae_jax.train import optim
-from nvae_jax.train import setup
+from nvae_jax.train import build
 from nvae_jax.train import step as step_lib
 from nvae_jax.train.testing import TinyVAETask
 
@@ -37,9 +37,9 @@ def _config(features=4, **train):
 
 
 def _restore(config, workdir, step):
-  run = setup.build(config, TinyVAETask(config))
-  abstract, _ = setup.abstract_state(run, setup.batch_spec((8, 8, 1), 16))
-  ckpt = ckpt_lib.Checkpointer(setup.checkpoint_dir(workdir))
+  run = build.build(config, TinyVAETask(config))
+  abstract, _ = build.abstract_state(run, build.batch_spec((8, 8, 1), 16))
+  ckpt = ckpt_lib.Checkpointer(build.checkpoint_dir(workdir))
   try:
     state, data_state, saved_config = ckpt.restore(abstract, step)
   finally:
@@ -61,7 +61,7 @@ def runs(tmp_path_factory):
   result_a = loop.train_and_evaluate(_config(), a, task=TinyVAETask(_config()))
   first = loop.train_and_evaluate(_config(), b, task=TinyVAETask(_config()), stop_after_steps=3)
   assert first['step'] == 3
-  ckpt = ckpt_lib.Checkpointer(setup.checkpoint_dir(b))
+  ckpt = ckpt_lib.Checkpointer(build.checkpoint_dir(b))
   assert ckpt.all_steps() == [3]
   ckpt.close()
   result_b = loop.train_and_evaluate(_config(), b, task=TinyVAETask(_config()))

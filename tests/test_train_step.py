@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs.common import base_config
+from nvae_jax.config import base_config
 from nvae_jax.train import optim
 from nvae_jax.train import state as state_lib
 from nvae_jax.train import step as step_lib

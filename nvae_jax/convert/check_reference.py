@@ -72,16 +72,7 @@ _MODEL_ARGS = ('num_channels_enc', 'num_channels_dec', 'num_preprocess_blocks',
 
 def config_from_fixture_args(args: dict[str, Any], depthwise_impl: str = 'auto'):
   """An nvae_jax config for a fixture's ``summary.json`` ``args`` (faithful DML likelihood)."""
-  try:
-    from configs import common  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    # configs/ lives next to the nvae_jax package in a source checkout.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if not os.path.isfile(os.path.join(root, 'configs', 'common.py')):
-      raise ImportError('check_reference needs the project\'s configs/ package (configs/common.py '
-                        f'next to nvae_jax/); not found under {root}') from None
-    sys.path.insert(0, root)
-    from configs import common  # pylint: disable=import-outside-toplevel
+  from nvae_jax.config import schema as common  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
 
   missing = [k for k in _MODEL_ARGS + ('dataset', 'num_x_bits') if k not in args]
@@ -151,7 +142,7 @@ def load_fixture(folder: str, depthwise_impl: str = 'auto', config_overrides=Non
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from nvae_jax.convert import from_torch_names as ftn  # pylint: disable=import-outside-toplevel
-  from nvae_jax.models.nvae import NVAETask  # pylint: disable=import-outside-toplevel
+  from nvae_jax.models.nvae.task import NVAETask  # pylint: disable=import-outside-toplevel
 
   def npz(name):
     path = os.path.join(folder, name)

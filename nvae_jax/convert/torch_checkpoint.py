@@ -44,6 +44,8 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from nvae_jax.config import nvae as nvae_base
+
 # Original dataset name -> data fields. Sizes: nvae_spec.md §1.1.
 DATASETS: dict[str, dict[str, Any]] = {
     'mnist': dict(name='mnist', channels=1, pad=2, binarize='dynamic', image_size=0,
@@ -113,24 +115,9 @@ def _args_dict(args) -> dict[str, Any]:
   raise TypeError(f'args: expected an argparse.Namespace or a mapping, found {type(args)}')
 
 
-def _nvae_base():
-  """``configs.nvae_base``; configs/ lives next to the nvae_jax package in a source checkout."""
-  try:
-    from configs import nvae_base  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if not os.path.isfile(os.path.join(root, 'configs', 'nvae_base.py')):
-      raise ImportError('the converter needs the project\'s configs/ package (configs/nvae_base.py '
-                        f'next to nvae_jax/); not found under {root}') from None
-    sys.path.insert(0, root)
-    from configs import nvae_base  # pylint: disable=import-outside-toplevel
-  return nvae_base
-
-
 def config_from_args(args, *, data_dir: str = '',
                      faithful_dml: bool = True) -> ml_collections.ConfigDict:
   """An nvae_jax config equivalent to an original run's arguments (see the module docstring)."""
-  nvae_base = _nvae_base()
   a = dict(_DEFAULTS)
   a.update(BACKFILL)
   a.update({k: v for k, v in _args_dict(args).items() if v is not None})
@@ -264,17 +251,17 @@ def convert_checkpoint(checkpoint: str, out_dir: str, *, data_dir: str = '',
   from nvae_jax.convert import from_torch_names  # pylint: disable=import-outside-toplevel
   from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
   from nvae_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from nvae_jax.train import setup  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train import build  # pylint: disable=import-outside-toplevel
   from nvae_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
 
   ckpt = load_torch_checkpoint(checkpoint, trust_pickle=trust_pickle)
   config = config_from_args(ckpt['args'], data_dir=data_dir, faithful_dml=faithful_dml)
   config = config.copy_and_resolve_references()
-  run = setup.build(config)
+  run = build.build(config)
   shape = tuple(image_shape(config.data))
   abstract = jax.eval_shape(run.task.init, state_lib.stream_key(config.seed,
                                                                 state_lib.INIT_STREAM),
-                            setup.batch_spec(shape, 1))
+                            build.batch_spec(shape, 1))
   conv = from_torch_names.convert_state_dict(ckpt['state_dict'], abstract, strict=False)
   if strict and (conv.unused or conv.missing):
     raise ValueError(f'checkpoint {checkpoint} does not fit the model rebuilt from its args: '
@@ -293,7 +280,7 @@ def convert_checkpoint(checkpoint: str, out_dir: str, *, data_dir: str = '',
                model_state=jax.tree.map(jnp.asarray, model_state),
                rng=state_lib.stream_key(config.seed, state_lib.TRAIN_STREAM))
   # The saved tree must be exactly what a run of this config restores.
-  expected, _ = setup.abstract_state(run, setup.batch_spec(shape, config.data.batch_size))
+  expected, _ = build.abstract_state(run, build.batch_spec(shape, config.data.batch_size))
   if jax.tree.structure(expected) != jax.tree.structure(state):
     raise ValueError('converted state: tree structure differs from the platform\'s train state '
                      f'({jax.tree.structure(state)} vs {jax.tree.structure(expected)})')
@@ -310,7 +297,7 @@ def convert_checkpoint(checkpoint: str, out_dir: str, *, data_dir: str = '',
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   with open(os.path.join(out_dir, 'config.py'), 'w') as f:
     f.write(_CONFIG_PY % dict(dir=out_dir))
-  ckpt_dir = setup.checkpoint_dir(out_dir)
+  ckpt_dir = build.checkpoint_dir(out_dir)
   saver = ckpt_lib.Checkpointer(ckpt_dir, keep=config.train.keep_checkpoints, async_save=False)
   try:
     saver.save(int(ckpt['global_step']), state, config=config, force=True)

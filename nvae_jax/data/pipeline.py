@@ -277,7 +277,7 @@ def make_pipeline(data_config: Any, split: str, *, train: bool, seed: int,
   """The pipeline over ``split`` of the source named by ``data_config.name``.
 
   Args:
-    data_config: ``config.data`` (see ``configs/common.py``).
+    data_config: ``config.data`` (see ``nvae_jax/config/schema.py``).
     split: split name, e.g. ``data_config.train_split``; TFDS slicing syntax works for TFDS and
       the local sources (``'train[:90%]'``).
     train: infinite shuffled/augmented stream (True) or one ordered, padded pass (False).

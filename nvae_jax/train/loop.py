@@ -29,10 +29,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from nvae_jax import evaluate as eval_lib
-from nvae_jax import sample as sample_lib
+from nvae_jax.train import evaluate as eval_lib
+from nvae_jax.train import sample as sample_lib
 from nvae_jax.train import optim
-from nvae_jax.train import setup
+from nvae_jax.train import build
 from nvae_jax.train import state as state_lib
 from nvae_jax.train import step as step_lib
 
@@ -139,7 +139,7 @@ def train_and_evaluate(config, workdir: str, *, task=None,
   """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
 
   Args:
-    config: a full config (``configs/common.py``); validated before anything compiles.
+    config: a full config (``nvae_jax/config/schema.py``); validated before anything compiles.
     workdir: output folder (created); see the module docstring for its content.
     task: a ModelTask to use instead of ``build_task(config)`` (tests, notebooks).
     pipeline_fn: ``make_pipeline``-compatible factory (default ``nvae_jax.data.make_pipeline``).
@@ -149,9 +149,9 @@ def train_and_evaluate(config, workdir: str, *, task=None,
   Returns:
     ``{'step', 'train': last logged train metrics, 'eval': last eval report}``.
   """
-  run = setup.build(config, task)
+  run = build.build(config, task)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  ckpt = setup.make_checkpointer(config, workdir)
+  ckpt = build.make_checkpointer(config, workdir)
   try:
     return _train(run, workdir, writer, ckpt, pipeline_fn or _default_pipeline_fn(),
                   stop_after_steps)
@@ -160,7 +160,7 @@ def train_and_evaluate(config, workdir: str, *, task=None,
     writer.close()
 
 
-def _train(run: setup.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn: Callable,
+def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn: Callable,
            stop_after_steps: int | None) -> dict[str, Any]:
   """The body of :func:`train_and_evaluate` (which owns ``writer`` and ``ckpt``)."""
   c = run.config
@@ -174,7 +174,7 @@ def _train(run: setup.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
   global_first = step_lib.put_batch(first, run.mesh)
   image_shape = tuple(first['image'].shape[1:])
 
-  abstract, shardings = setup.abstract_state(run, jax.tree.map(
+  abstract, shardings = build.abstract_state(run, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), global_first))
   restored_step = ckpt.latest_step()
   if restored_step is not None:
@@ -185,13 +185,13 @@ def _train(run: setup.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
     global_first = step_lib.put_batch(first, run.mesh)
     writer.print(f'Resumed from {ckpt.directory}/{restored_step}.')
   else:
-    state = setup.init_state(run, global_first, shardings)
+    state = build.init_state(run, global_first, shardings)
     n_params = state_lib.num_params(abstract['params'])
     writer.print(f'Initialised {c.model.name}: {n_params:,} parameters on '
                  f'{jax.device_count()} device(s), mesh {dict(run.mesh.shape)}.')
 
   train_step = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings)
-  var_sharding = setup.variables_sharding(shardings)
+  var_sharding = build.variables_sharding(shardings)
   eval_step = eval_lib.make_eval_step(run.task, run.mesh, var_sharding)
   sampler = sample_lib.make_sampler(run.task, run.mesh, var_sharding, c.train.num_images,
                                     c.sample.temperature)

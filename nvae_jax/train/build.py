@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from nvae_jax import config_validation
+from nvae_jax.config import validation as config_validation
 from nvae_jax.models.base import build_task
 from nvae_jax.train import checkpoint as ckpt_lib
 from nvae_jax.train import optim

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import base_config
+from nvae_jax.config import base_config
 
 PERMUTATIONS = ('reverse', 'shuffle', 'conv1x1', 'plu', 'qr', 'emerging', 'periodic')
 EPOCH_IMAGES = 50_000  # the official code's "epoch", also for ImageNet

@@ -41,7 +41,7 @@ output distribution's mean.
 
 Command line (after training with ``nvae_jax.main``)::
 
-  python -m nvae_jax.nvae_sampling --config=configs/nvae_mnist.py:small --workdir=W \
+  python -m nvae_jax.models.nvae.sampling --config=configs/nvae_mnist.py:small --workdir=W \
       --temperature=0.8 --num=64 [--readjust_steps=500 --readjust_batch=16] [--noreadjust]
       [--output_temperature=1.0 --output_mode=auto|sample|mean]
 
@@ -62,6 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from nvae_jax.models.nvae.network import NVAE
 
 OUTPUT_MODES = ('auto', 'sample', 'mean')
 
@@ -98,7 +100,6 @@ def _check_temperature(name: str, t: float) -> float:
 @functools.lru_cache(maxsize=16)
 def _bn_pass_fn(model, batch: int) -> Callable:
   """Jitted ``(params, batch_stats, rng, t) -> batch_stats`` (cached per float32 model, batch)."""
-  from nvae_jax.models.nvae import NVAE  # pylint: disable=import-outside-toplevel
 
   def one_pass(params, stats, rng, t):
     _, upd = model.apply({'params': params, 'batch_stats': stats}, int(batch),
@@ -262,7 +263,6 @@ def make_sample_fn(task, variables, num: int) -> Callable:
   serves every temperature, and both the output mean and a draw come out of the same decoder
   pass.
   """
-  from nvae_jax.models.nvae import NVAE  # pylint: disable=import-outside-toplevel
   model = float32_model(task, variables)
 
   def sample(v, rng, t, tx):
@@ -307,7 +307,6 @@ def make_encoder(task, variables, batch: int) -> Callable:
   ``eps`` is the reparameterisation noise per group (decoder order); zeros give the posterior
   means along the mean path.
   """
-  from nvae_jax.models.nvae import NVAE  # pylint: disable=import-outside-toplevel
   model = task.model(_image_shape(task, variables))
   del batch
 
@@ -386,8 +385,8 @@ def main(argv=None) -> dict[str, Any]:
   import sys  # pylint: disable=import-outside-toplevel
 
   from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
-  from nvae_jax.sample import write_grid  # pylint: disable=import-outside-toplevel
-  from nvae_jax.train import setup  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train.sample import write_grid  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train import build  # pylint: disable=import-outside-toplevel
   from nvae_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
 
   argv = list(sys.argv if argv is None else argv)
@@ -398,8 +397,8 @@ def main(argv=None) -> dict[str, Any]:
     raise ValueError(f'config.model.name: expected "nvae", got {config.model.name!r}')
   if not fv.workdir:
     raise ValueError('--workdir: required (a workdir with a checkpoint)')
-  run = setup.build(config)
-  state, _, step, _ = setup.restore_latest(run, fv.workdir, image_shape(config.data),
+  run = build.build(config)
+  state, _, step, _ = build.restore_latest(run, fv.workdir, image_shape(config.data),
                                            config.data.batch_size)
   variables = jax.device_get(state_lib.variables_of(state))
   t = config.sample.temperature if fv.temperature is None else fv.temperature

@@ -24,7 +24,7 @@ import math
 
 import ml_collections
 
-from configs import common
+from nvae_jax.config import schema as common
 
 # Training-split sizes used by the original (nvae_spec.md §2 "Data").
 TRAIN_EXAMPLES = {

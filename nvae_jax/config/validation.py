@@ -1,4 +1,4 @@
-"""Checks of the common config fields (``configs/common.py``), run before anything compiles.
+"""Checks of the common config fields (``nvae_jax.config.schema``), run before anything compiles.
 
 Every failure is a :class:`ConfigError` (a ``ValueError``) whose message starts with the dotted
 field name and states the expected and the found value, e.g.
@@ -9,31 +9,14 @@ config); ``model`` fields belong to the model family and are checked by its Mode
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 from typing import Any
 
 from nvae_jax import policy
+from nvae_jax.config.schema import base_config
 from nvae_jax.train import optim
 
 BINARIZE = ('none', 'dynamic', 'threshold')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
-
-
-def base_config():
-  """``configs.common.base_config()``, also when only the repository checkout has ``configs``."""
-  try:
-    common = importlib.import_module('configs.common')
-  except ModuleNotFoundError:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                        'common.py')
-    spec = importlib.util.spec_from_file_location('_nvae_jax_configs_common', path)
-    if spec is None or not os.path.exists(path):
-      raise
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
-  return common.base_config()
 
 
 class ConfigError(ValueError):
@@ -48,7 +31,7 @@ def _check_schema(config) -> None:
   ref = base_config()
   for section in ref.keys():
     if section not in config:
-      _fail(section, 'a section of the config (configs/common.py: base_config)', None)
+      _fail(section, 'a section of the config (nvae_jax/config/schema.py: base_config)', None)
   for section in ref.keys():
     ref_val, val = ref[section], config[section]
     if not hasattr(ref_val, 'keys'):
@@ -66,7 +49,7 @@ def _check_schema(config) -> None:
                        f'{sorted(ref_val.keys())} (found unknown fields {unknown})')
     missing = sorted(set(ref_val.keys()) - set(val.keys()))
     if missing:
-      _fail(f'{section}.{missing[0]}', 'a value (start configs from configs.common.base_config())',
+      _fail(f'{section}.{missing[0]}', 'a value (start configs from nvae_jax.config.base_config())',
             None)
     for key in ref_val.keys():
       _check_type(f'{section}.{key}', ref_val[key], val[key])

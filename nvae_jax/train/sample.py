@@ -114,13 +114,13 @@ def sample_checkpoint(config, workdir: str, *, output: str = '', task=None) -> d
   'step'}``."""
   # pylint: disable=import-outside-toplevel
   from nvae_jax.data import image_shape
-  from nvae_jax.train import setup
+  from nvae_jax.train import build
   from nvae_jax.train import state as state_lib
-  run = setup.build(config, task)
-  state, _, step, shardings = setup.restore_latest(run, workdir, image_shape(config.data),
+  run = build.build(config, task)
+  state, _, step, shardings = build.restore_latest(run, workdir, image_shape(config.data),
                                                    config.data.batch_size)
   num, temperature = int(config.sample.num), float(config.sample.temperature)
-  sampler = make_sampler(run.task, run.mesh, setup.variables_sharding(shardings), num,
+  sampler = make_sampler(run.task, run.mesh, build.variables_sharding(shardings), num,
                          temperature)
   variables = state_lib.variables_of(state)
   rng = state_lib.stream_key(config.seed, state_lib.SAMPLE_STREAM)

@@ -99,16 +99,16 @@ def evaluate_checkpoint(config, workdir: str, *, task=None, pipeline_fn=None) ->
   ...}`` (see :func:`evaluate_split`).
   """
   # pylint: disable=import-outside-toplevel
-  from nvae_jax.train import setup
+  from nvae_jax.train import build
   from nvae_jax.train import state as state_lib
   if pipeline_fn is None:
     from nvae_jax.data import make_pipeline as pipeline_fn
-  run = setup.build(config, task)
+  run = build.build(config, task)
   pipe = pipeline_fn(config.data, config.eval.split, train=False, seed=config.seed,
                      process_index=jax.process_index(), process_count=jax.process_count())
-  state, _, step, shardings = setup.restore_latest(run, workdir, pipe.image_shape,
+  state, _, step, shardings = build.restore_latest(run, workdir, pipe.image_shape,
                                                    config.data.batch_size)
-  eval_step = make_eval_step(run.task, run.mesh, setup.variables_sharding(shardings))
+  eval_step = make_eval_step(run.task, run.mesh, build.variables_sharding(shardings))
   continuous = bool(run.task.describe().get('likelihood', {}).get('continuous', False))
   report = evaluate_split(eval_step, state_lib.variables_of(state), pipe, run.mesh,
                           state_lib.stream_key(config.seed, state_lib.EVAL_STREAM),
