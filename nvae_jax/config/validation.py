@@ -12,15 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from nvae_jax import policy
+from nvae_jax.errors import ConfigError  # noqa: F401 (defined there, re-exported here)
 from nvae_jax.config.schema import base_config
 from nvae_jax.train import optim
 
 BINARIZE = ('none', 'dynamic', 'threshold')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
-
-
-class ConfigError(ValueError):
-  """A config field has a bad value; the message starts with the dotted field name."""
 
 
 def _fail(field: str, expected: str, found: Any) -> None:

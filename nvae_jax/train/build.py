@@ -52,7 +52,7 @@ def checkpoint_dir(workdir: str) -> str:
 def make_checkpointer(config, workdir: str) -> ckpt_lib.Checkpointer:
   t = config.train
   return ckpt_lib.Checkpointer(checkpoint_dir(workdir), keep=t.keep_checkpoints,
-                               async_save=t.async_checkpoints)
+                               async_save=t.async_checkpoints, model=str(config.model.name))
 
 
 def batch_spec(image_shape, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -83,15 +83,20 @@ def variables_sharding(shardings):
 
 
 def restore_latest(run: Run, workdir: str, image_shape, batch_size: int):
-  """``(state, data_state, step, shardings)`` from the latest checkpoint in ``workdir``."""
+  """``(state, data_state, step, shardings)`` from the newest readable checkpoint in ``workdir``.
+
+  Damaged newer checkpoints are skipped with a warning (and kept); older layouts are migrated.
+  """
   abstract, shardings = abstract_state(run, batch_spec(image_shape, batch_size))
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise ckpt_lib.NoCheckpointError(f'--workdir={workdir}: no checkpoint in '
+                                     f'{checkpoint_dir(workdir)}; train first (--mode=train)')
   ckpt = make_checkpointer(run.config, workdir)
   try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'--workdir={workdir}: no checkpoint in {checkpoint_dir(workdir)}; '
-                              'train first (--mode=train)')
-    state, data_state, _ = ckpt.restore(abstract, step)
+    if ckpt.latest_step() is None:
+      raise ckpt_lib.NoCheckpointError(f'--workdir={workdir}: no checkpoint in '
+                                       f'{checkpoint_dir(workdir)}; train first (--mode=train)')
+    step, state, data_state, _ = ckpt.restore_latest(abstract)
   finally:
     ckpt.close()
   return state, data_state, step, shardings

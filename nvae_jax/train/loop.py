@@ -176,9 +176,9 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
 
   abstract, shardings = build.abstract_state(run, jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), global_first))
-  restored_step = ckpt.latest_step()
-  if restored_step is not None:
-    state, data_state, _ = ckpt.restore(abstract, restored_step)
+  restored_step = None
+  if ckpt.latest_step() is not None:
+    restored_step, state, data_state, _ = ckpt.restore_latest(abstract, set_aside_damaged=True)
     # The position is that of the global batch stream, the same on every host (process 0's).
     train_pipe.set_state(data_state)
     first = next(train_pipe)

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nvae_jax.errors import TrainingError
+
 OPTIMIZERS = ('adam', 'adamax', 'adamw')
 SCHEDULES = ('cosine', 'constant')
 WEIGHT_DECAY_MODES = ('coupled', 'decoupled')
@@ -157,7 +159,7 @@ def applied_updates(opt_state, step: jax.Array) -> jax.Array:
   return step
 
 
-class TooManySkipsError(RuntimeError):
+class TooManySkipsError(TrainingError):
   """Raised when ``optim.max_consecutive_skips`` updates in a row were skipped."""
 
 
