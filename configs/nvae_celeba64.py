@@ -36,20 +36,4 @@ from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):
-  c = nvae_base.published(
-      dataset='celeba64', channels=64, pre=(1, 2), post=(1, 2), scales=3, groups=20, ada=True,
-      min_groups=1, num_nf=1, batch_per_gpu=16, gpus=8, epochs=90, warmup_epochs=5, lr=1e-2,
-      wdn=1e-1, wdn_anneal=False, compute_dtype='bfloat16')
-  c.data.name = 'celeb_a'
-  c.data.channels = 3
-  c.data.image_size = 64
-  c.data.num_bits = 8
-  c.data.random_flip = True
-  c.data.eval_split = 'validation'
-  c.eval.split = 'validation'
-  if arg == 'small':
-    nvae_base.small_model(c, channels=16, pre=(1, 1), post=(1, 1), scales=2, groups=2,
-                          batch=8, steps=3000)
-  elif arg not in (None, ''):
-    raise ValueError(f'configs/nvae_celeba64.py: unknown variant {arg!r}; expected "" or "small"')
-  return c
+  return nvae_base.published_config('celeba64', arg)

@@ -42,9 +42,4 @@ from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):
-  c = nvae_base.published_256(dataset='celebahq256', epochs=300, lr=1e-2, wdn=1e-2, arg=arg)
-  c.data.name = 'celeb_a_hq/256'
-  c.data.train_split = 'train[:27000]'
-  c.data.eval_split = 'train[27000:]'
-  c.eval.split = 'train[27000:]'
-  return c
+  return nvae_base.published_config('celebahq256', arg)

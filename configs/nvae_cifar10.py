@@ -35,19 +35,4 @@ from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):
-  c = nvae_base.published(
-      dataset='cifar10', channels=128, pre=(1, 2), post=(1, 2), scales=1, groups=30, ada=False,
-      min_groups=1, num_nf=1, batch_per_gpu=32, gpus=8, epochs=400, warmup_epochs=5, lr=1e-2,
-      wdn=1e-2, wdn_anneal=False, compute_dtype='bfloat16')
-  c.data.name = 'cifar10'
-  c.data.channels = 3
-  c.data.num_bits = 8
-  c.data.random_flip = True
-  c.data.eval_split = 'test'
-  c.eval.split = 'test'
-  if arg == 'small':
-    nvae_base.small_model(c, channels=16, pre=(1, 1), post=(1, 1), scales=2, groups=2,
-                          batch=16, steps=3000)
-  elif arg not in (None, ''):
-    raise ValueError(f'configs/nvae_cifar10.py: unknown variant {arg!r}; expected "" or "small"')
-  return c
+  return nvae_base.published_config('cifar10', arg)

@@ -38,9 +38,4 @@ from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):
-  c = nvae_base.published_256(dataset='ffhq256', epochs=200, lr=8e-3, wdn=1e-1, arg=arg)
-  c.data.name = 'folder'
-  c.data.train_split = 'train'
-  c.data.eval_split = 'test'
-  c.eval.split = 'test'
-  return c
+  return nvae_base.published_config('ffhq256', arg)

@@ -39,20 +39,4 @@ from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):
-  c = nvae_base.published(
-      dataset='imagenet32', channels=192, pre=(1, 2), post=(1, 2), scales=1, groups=28,
-      ada=False, min_groups=1, num_nf=1, batch_per_gpu=24, gpus=24, epochs=45, warmup_epochs=1,
-      lr=1e-2, wdn=1e-2, wdn_anneal=True, wdn_init=1.0, compute_dtype='bfloat16')
-  c.data.name = 'downsampled_imagenet/32x32'
-  c.data.channels = 3
-  c.data.image_size = 32
-  c.data.num_bits = 8
-  c.data.random_flip = True
-  c.data.eval_split = 'validation'
-  c.eval.split = 'validation'
-  if arg == 'small':
-    nvae_base.small_model(c, channels=16, pre=(1, 1), post=(1, 1), scales=2, groups=2,
-                          batch=16, steps=3000)
-  elif arg not in (None, ''):
-    raise ValueError(f'configs/nvae_imagenet32.py: unknown variant {arg!r}; expected "" or "small"')
-  return c
+  return nvae_base.published_config('imagenet32', arg)

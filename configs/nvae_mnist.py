@@ -33,22 +33,4 @@ from nvae_jax.config import nvae as nvae_base
 
 
 def get_config(arg=None):
-  c = nvae_base.published(
-      dataset='mnist', channels=32, pre=(2, 3), post=(2, 3), scales=2, groups=10, ada=True,
-      min_groups=1, num_nf=0, batch_per_gpu=200, gpus=2, epochs=400, warmup_epochs=5, lr=1e-2,
-      wdn=1e-2, wdn_anneal=False, compute_dtype='bfloat16')
-  c.data.name = 'mnist'
-  c.data.channels = 1
-  c.data.pad = 2
-  c.data.binarize = 'dynamic'
-  c.data.num_bits = 8
-  c.data.random_flip = False
-  c.data.eval_split = 'test'
-  c.eval.split = 'test'
-  c.sample.temperature = 1.0
-  if arg == 'small':
-    nvae_base.small_model(c, channels=16, pre=(1, 1), post=(1, 1), scales=2, groups=2,
-                          batch=32, steps=3000)
-  elif arg not in (None, ''):
-    raise ValueError(f'configs/nvae_mnist.py: unknown variant {arg!r}; expected "" or "small"')
-  return c
+  return nvae_base.published_config('mnist', arg)

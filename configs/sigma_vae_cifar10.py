@@ -24,7 +24,7 @@ continuous densities on [0, 1] (negative nats, ``"continuous": true`` in the eva
 """
 
 from nvae_jax.config import base_config
-from configs.sigma_vae_mnist import DECODERS, model_config
+from nvae_jax.config.conv_vae import DECODERS, model_config
 
 SUBSET = '../shared/data/cifar10_subset/cifar10_train_subset.npz'
 

@@ -30,23 +30,9 @@ Not reproduced here yet (no GPU run in this project); the eval JSON marks Gaussi
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from nvae_jax.config import base_config
-
-DECODERS = ('bernoulli', 'gaussian_fixed', 'gaussian_shared', 'gaussian_optimal',
-            'gaussian_optimal_per_image', 'gaussian_per_pixel', 'categorical',
-            'logistic_mixture', 'nvae_normal')
-
-
-def model_config(decoder: str = 'gaussian_optimal') -> ml_collections.ConfigDict:
-  """Every ``conv_vae`` field at the sigma-VAE defaults (see nvae_jax/models/conv_vae.py)."""
-  return ml_collections.ConfigDict(dict(
-      name='conv_vae', decoder=decoder, latent_dim=20, beta=1.0, channels=(32, 64, 128),
-      strides=(1, 2, 2), log_sigma=0.0, clip_fixed_sigma=False, log_sigma_min=-6.0,
-      log_sigma_max=config_dict.placeholder(float), sigma_stop_gradient=False,
-      sigma_momentum=0.99, sigma_eval='running', num_mixture=10, faithful=False,
-      sample_output='auto'))
+from nvae_jax.config.conv_vae import DECODERS, model_config
 
 
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

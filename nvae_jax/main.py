@@ -30,17 +30,6 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               'configs', 'quickstart.py')
 
 
-def _ensure_configs_importable() -> None:
-  """Config files import ``configs.common``, which is not part of the installed package: when
-  ``configs`` is not importable (``nvae-jax`` run outside the checkout), use the checkout's."""
-  try:
-    import configs  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ModuleNotFoundError:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(root, 'configs', 'common.py')):
-      sys.path.insert(0, root)
-
-
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file(
@@ -101,7 +90,6 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   for bad config values, before anything is compiled.
   """
   argv = list(argv)
-  _ensure_configs_importable()
   try:
     fv = _define_flags(argv)
     if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):

@@ -7,18 +7,15 @@ order, coverage and sharding from the batches alone, independently of the pipeli
 import hashlib
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-# configs/ is not part of the installed package; tests import it from the project root.
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from nvae_jax.config import base_config  # noqa: E402  pylint: disable=wrong-import-position
-from conftest import SHARED  # noqa: E402  pylint: disable=wrong-import-position
-from nvae_jax.data import image_shape, make_pipeline, make_pipeline_from_arrays  # noqa: E402
+from conftest import SHARED
+from nvae_jax.config import base_config
+from nvae_jax.data import image_shape, make_pipeline, make_pipeline_from_arrays
 
 MNIST_DIR = os.path.join(SHARED, 'data', 'tfds')
 CIFAR_NPZ = os.path.join(SHARED, 'data', 'cifar10_subset', 'cifar10_train_subset.npz')

@@ -19,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nvae_jax.config import nvae as nvae_base
 from conftest import SHARED
+from nvae_jax.config import datasets
+from nvae_jax.config import nvae as nvae_base
 from nvae_jax.config import validation as config_validation
 from nvae_jax.convert import official_keys as ok
 from nvae_jax.convert import torch_checkpoint as tc
+from nvae_jax.models.nvae import NVAETask
 
 KEYS_DIR = os.path.join(SHARED, 'fixtures', 'nvae_reference', 'official_keys')
 
@@ -229,3 +231,52 @@ def test_torch_checkpoint_converts_to_a_workdir(tmp_path):
   err = np.linalg.norm(np.asarray(got['net_out']) - ref) / np.linalg.norm(ref)
   assert err < 1e-5
   np.testing.assert_allclose(got['recon'], io['recon'], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference check accepts a fixture of any dataset the converter knows (one dataset table).
+
+def _fixture_args(name):
+  return json.load(open(os.path.join(SHARED, 'fixtures', 'nvae_reference', name,
+                                     'summary.json')))['args']
+
+
+@pytest.mark.parametrize('dataset', sorted(datasets.DATASETS) + ['lsun_church_64'])
+def test_check_reference_config_for_every_converter_dataset(dataset):
+  """The fixture's model arguments carry over unchanged whatever its dataset; the data fields are
+  the converter's for that dataset."""
+  from nvae_jax.convert import check_reference as cr  # pylint: disable=import-outside-toplevel
+  args = _fixture_args('cifar_tiny_s0')
+  ref = cr.config_from_fixture_args(args, 'lax')
+  c = cr.config_from_fixture_args(dict(args, dataset=dataset), 'lax')
+  assert c.model.to_dict() == ref.model.to_dict()
+  assert (c.model.total_steps, c.model.faithful_dml) == (cr.TOTAL_ITER, True)
+  conv = tc.config_from_args(dict(args, dataset=dataset))
+  assert c.data.to_dict() == conv.data.to_dict()
+  assert c.data.num_bits == args['num_x_bits']
+
+
+def test_check_reference_loads_a_celeba64_fixture(tmp_path):
+  """A fixture whose summary.json names celeba_64 (rejected before: the check knew only mnist and
+  cifar10) loads, converts strictly and builds the same likelihood and architecture."""
+  from nvae_jax.convert import check_reference as cr  # pylint: disable=import-outside-toplevel
+  src = os.path.join(SHARED, 'fixtures', 'nvae_reference', 'cifar_tiny_s0')
+  for f in os.listdir(src):
+    if f != 'summary.json':
+      os.symlink(os.path.join(src, f), tmp_path / f)
+  summary = json.load(open(os.path.join(src, 'summary.json')))
+  summary['args']['dataset'] = 'celeba_64'
+  json.dump(summary, open(tmp_path / 'summary.json', 'w'))
+  fx = cr.load_fixture(str(tmp_path), 'lax')
+  assert fx.task.config.data.name == 'celeb_a' and fx.conversion.unused == []
+  ref = cr.config_from_fixture_args(_fixture_args('cifar_tiny_s0'), 'lax')
+  assert (fx.task.likelihood_name, fx.task.likelihood_options, fx.task.hparams) == (
+      NVAETask(ref).likelihood_name, NVAETask(ref).likelihood_options, NVAETask(ref).hparams)
+
+
+def test_published_configs_come_from_the_library():
+  """configs/nvae_<name>.py is nvae_jax.config.nvae.published_config('<name>', arg)."""
+  for name in nvae_base.PUBLISHED:
+    module = importlib.import_module(f'configs.nvae_{name}')
+    for arg in (None, 'small'):
+      assert module.get_config(arg).to_dict() == nvae_base.published_config(name, arg).to_dict()

@@ -34,6 +34,14 @@ Field reference (the platform validates these before any compilation):
 
 import ml_collections
 
+from nvae_jax.data.pipeline import BINARIZE_MODES  # noqa: F401  (the data pipeline's own table)
+
+# The allowed values of the enumerated fields (checked by ``validation``, used by the platform).
+OPTIMIZERS = ('adam', 'adamax', 'adamw')
+SCHEDULES = ('cosine', 'constant')
+WEIGHT_DECAY_MODES = ('coupled', 'decoupled')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()

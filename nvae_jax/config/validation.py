@@ -12,12 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from nvae_jax import policy
+from nvae_jax.config import schema
 from nvae_jax.errors import ConfigError  # noqa: F401 (defined there, re-exported here)
 from nvae_jax.config.schema import base_config
-from nvae_jax.train import optim
-
-BINARIZE = ('none', 'dynamic', 'threshold')
-COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
 def _fail(field: str, expected: str, found: Any) -> None:
@@ -94,7 +91,7 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
     _fail('data.name', 'a dataset name', d.name)
   if not 1 <= d.num_bits <= 8:
     _fail('data.num_bits', 'an int in 1..8', d.num_bits)
-  _enum('data.binarize', d.binarize, BINARIZE)
+  _enum('data.binarize', d.binarize, schema.BINARIZE_MODES)
   _enum('data.channels', d.channels, (1, 3))
   _at_least('data.image_size', d.image_size, 0, '>= 0 (0 keeps the native size)')
   _at_least('data.pad', d.pad, 0)
@@ -106,9 +103,9 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
     if num_processes > 1 and size % num_processes:
       _fail(f'data.{name}', f'a multiple of the number of processes ({num_processes})', size)
 
-  _enum('optim.name', o.name, optim.OPTIMIZERS)
-  _enum('optim.schedule', o.schedule, optim.SCHEDULES)
-  _enum('optim.weight_decay_mode', o.weight_decay_mode, optim.WEIGHT_DECAY_MODES)
+  _enum('optim.name', o.name, schema.OPTIMIZERS)
+  _enum('optim.schedule', o.schedule, schema.SCHEDULES)
+  _enum('optim.weight_decay_mode', o.weight_decay_mode, schema.WEIGHT_DECAY_MODES)
   if o.name == 'adamw' and o.weight_decay_mode == 'coupled':
     _fail('optim.weight_decay_mode', "'decoupled' with optim.name='adamw' (use 'adam' for "
           'coupled L2)', o.weight_decay_mode)
@@ -132,7 +129,7 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   _at_least('train.keep_checkpoints', t.keep_checkpoints, 1, 'a positive int')
   _at_least('train.num_images', t.num_images, 1, 'a positive int')
 
-  _enum('precision.compute_dtype', config.precision.compute_dtype, COMPUTE_DTYPES)
+  _enum('precision.compute_dtype', config.precision.compute_dtype, schema.COMPUTE_DTYPES)
   try:
     policy.checkpoint_policy(config.remat.policy)
   except ValueError as e:

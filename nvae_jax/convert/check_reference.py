@@ -57,41 +57,17 @@ import numpy as np
 GLOBAL_STEP = 100
 TOTAL_ITER = 10_000
 
-_DATASETS = {
-    'mnist': dict(name='mnist', channels=1, pad=2, binarize='dynamic'),
-    'cifar10': dict(name='cifar10', channels=3, pad=0, binarize='none'),
-}
-_MODEL_ARGS = ('num_channels_enc', 'num_channels_dec', 'num_preprocess_blocks',
-               'num_preprocess_cells', 'num_postprocess_blocks', 'num_postprocess_cells',
-               'num_latent_scales', 'num_groups_per_scale', 'num_latent_per_group',
-               'num_cell_per_cond_enc', 'num_cell_per_cond_dec', 'ada_groups',
-               'min_groups_per_scale', 'use_se', 'res_dist', 'num_nf', 'num_mixture_dec',
-               'kl_anneal_portion', 'kl_const_portion', 'kl_const_coeff', 'weight_decay_norm',
-               'weight_decay_norm_init', 'weight_decay_norm_anneal')
 
 
 def config_from_fixture_args(args: dict[str, Any], depthwise_impl: str = 'auto'):
-  """An nvae_jax config for a fixture's ``summary.json`` ``args`` (faithful DML likelihood)."""
-  from nvae_jax.config import schema as common  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
+  """An nvae_jax config for a fixture's ``summary.json`` ``args``: the converter's mapping of the
+  original arguments (so any dataset it supports), with the faithful DML likelihood and the
+  fixtures' schedule horizon."""
+  from nvae_jax.config import nvae as nvae_base  # pylint: disable=import-outside-toplevel
 
-  missing = [k for k in _MODEL_ARGS + ('dataset', 'num_x_bits') if k not in args]
-  if missing:
-    raise ValueError(f'summary.json args: missing {missing}')
-  if args.get('arch_instance', 'res_mbconv') != 'res_mbconv':
-    raise ValueError(f'summary.json args.arch_instance: only res_mbconv is implemented, got '
-                     f'{args["arch_instance"]!r}')
-  if args['dataset'] not in _DATASETS:
-    raise ValueError(f'summary.json args.dataset: expected one of {sorted(_DATASETS)}, got '
-                     f'{args["dataset"]!r}')
-  c = common.base_config()
-  model = {k: args[k] for k in _MODEL_ARGS}
-  model.update(name='nvae', decoder='auto', faithful_dml=True, depthwise_impl=depthwise_impl,
-               total_steps=TOTAL_ITER)
-  c.model = ml_collections.ConfigDict(model)
-  for k, v in _DATASETS[args['dataset']].items():
-    c.data[k] = v
-  c.data.num_bits = int(args['num_x_bits'])
+  c = nvae_base.config_from_original_args(args, faithful_dml=True)
+  c.model.depthwise_impl = depthwise_impl
+  c.model.total_steps = TOTAL_ITER
   c.train.num_steps = TOTAL_ITER
   return c
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -42,15 +41,19 @@ import numpy as np
 BUFFER_SUFFIXES = ('running_mean', 'running_var', 'num_batches_tracked')
 ALIAS_SUFFIX = 'weight_normalized'
 
-# name -> (keys file, config module, config arg, parameter count of nvae_spec.md §1.10).
-# FFHQ 256 has the CelebA-HQ 256 architecture (the fixtures README), hence the shared file.
+# name (of ``nvae_jax.config.nvae.PUBLISHED``) -> (keys file, experiment file, config arg,
+# parameter count of nvae_spec.md §1.10).  The configs are built from the library
+# (``nvae_jax.config.nvae.published_config``), so this works from any install; the experiment
+# file is only named in the output.  FFHQ 256 has the CelebA-HQ 256 architecture (the fixtures
+# README), hence the shared file.
 PUBLISHED: dict[str, tuple[str, str, str | None, int]] = {
-    'mnist': ('mnist_official.txt', 'configs.nvae_mnist', None, 33_363_134),
-    'cifar10': ('cifar_official.txt', 'configs.nvae_cifar10', None, 130_852_480),
-    'celeba64': ('celeba64_official.txt', 'configs.nvae_celeba64', None, 153_281_364),
-    'imagenet32': ('imagenet32_official.txt', 'configs.nvae_imagenet32', None, 268_509_444),
-    'celebahq256': ('celebahq256_official.txt', 'configs.nvae_celebahq256', None, 330_798_664),
-    'ffhq256': ('celebahq256_official.txt', 'configs.nvae_ffhq256', None, 330_798_664),
+    'mnist': ('mnist_official.txt', 'configs/nvae_mnist.py', None, 33_363_134),
+    'cifar10': ('cifar_official.txt', 'configs/nvae_cifar10.py', None, 130_852_480),
+    'celeba64': ('celeba64_official.txt', 'configs/nvae_celeba64.py', None, 153_281_364),
+    'imagenet32': ('imagenet32_official.txt', 'configs/nvae_imagenet32.py', None, 268_509_444),
+    'celebahq256': ('celebahq256_official.txt', 'configs/nvae_celebahq256.py', None,
+                    330_798_664),
+    'ffhq256': ('celebahq256_official.txt', 'configs/nvae_ffhq256.py', None, 330_798_664),
 }
 
 _NP_DTYPES = {'torch.float32': np.float32, 'torch.int64': np.int64, 'torch.float16': np.float16,
@@ -136,8 +139,9 @@ def load_published_config(name: str):
   if name not in PUBLISHED:
     raise ValueError(f'published config: unknown name {name!r}; expected one of '
                      f'{sorted(PUBLISHED)}')
-  _, module, arg, _ = PUBLISHED[name]
-  return importlib.import_module(module).get_config(arg)
+  from nvae_jax.config import nvae as nvae_base  # pylint: disable=import-outside-toplevel
+  _, _, arg, _ = PUBLISHED[name]
+  return nvae_base.published_config(name, arg)
 
 
 def abstract_variables(config) -> Mapping[str, Any]:
@@ -184,11 +188,11 @@ def check_placement(keys: Iterable[KeyInfo], config,
 
 def check_published(name: str, keys_dir: str, placement: bool = True) -> dict[str, Any]:
   """Official count vs nvae_jax count (and placement) for one published setup."""
-  file, module, arg, expected = PUBLISHED[name]
+  file, config_file, arg, expected = PUBLISHED[name]
   keys = parse_keys(os.path.join(keys_dir, file))
   config = load_published_config(name)
   variables = abstract_variables(config)
-  out = {'config': name, 'config_file': module.replace('.', '/') + '.py' + (f':{arg}' if arg else ''),
+  out = {'config': name, 'config_file': config_file + (f':{arg}' if arg else ''),
          'keys_file': file, 'num_keys': len(keys), 'official_params': count_parameters(keys),
          'spec_params': expected, 'nvae_jax_params': count_flax_params(variables)}
   ok = out['official_params'] == expected == out['nvae_jax_params']

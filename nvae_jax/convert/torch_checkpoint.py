@@ -14,11 +14,11 @@ allowed; ``--trust_pickle`` falls back to full unpickling for files you trust.
 
 Steps:
 
-1. ``config_from_args``: an nvae_jax config from the original arguments, after the back-fill that
-   the original ``evaluate.py`` applies to old checkpoints (``ada_groups=False``,
-   ``min_groups_per_scale=1``, ``num_mixture_dec=10``); ``dataset`` sets the data fields
-   (``DATASETS``), ``num_x_bits`` sets ``data.num_bits``, the optimizer and schedule follow the
-   original's flags. ``model.faithful_dml`` is True, so that the likelihood is the one the
+1. ``config_from_args`` (``nvae_jax.config.nvae.config_from_original_args``): an nvae_jax config
+   from the original arguments, after the back-fill that the original ``evaluate.py`` applies to
+   old checkpoints (``ada_groups=False``, ``min_groups_per_scale=1``, ``num_mixture_dec=10``);
+   ``dataset`` sets the data fields (``nvae_jax.config.datasets``), ``num_x_bits`` sets
+   ``data.num_bits``, the optimizer and schedule follow the original's flags. ``model.faithful_dml`` is True, so that the likelihood is the one the
    original reported (see nvae_spec.md §0.4).
 2. The ``state_dict`` goes through the core name mapping
    (``nvae_jax.convert.from_torch_names``), which places every tensor in the flax variable tree
@@ -37,125 +37,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from typing import Any, Mapping
 
-import ml_collections
 import numpy as np
 
+from nvae_jax.config import datasets
 from nvae_jax.config import nvae as nvae_base
 
-# Original dataset name -> data fields. Sizes: nvae_spec.md §1.1.
-DATASETS: dict[str, dict[str, Any]] = {
-    'mnist': dict(name='mnist', channels=1, pad=2, binarize='dynamic', image_size=0,
-                  random_flip=False, eval_split='test'),
-    'omniglot': dict(name='omniglot', channels=1, pad=2, binarize='dynamic', image_size=28,
-                     random_flip=False, eval_split='test'),
-    'cifar10': dict(name='cifar10', channels=3, random_flip=True, eval_split='test'),
-    'celeba_64': dict(name='celeb_a', channels=3, image_size=64, random_flip=True,
-                      eval_split='validation'),
-    'celeba_256': dict(name='celeb_a_hq/256', channels=3, image_size=256, random_flip=True,
-                       train_split='train[:27000]', eval_split='train[27000:]'),
-    'imagenet_32': dict(name='downsampled_imagenet/32x32', channels=3, image_size=32,
-                        random_flip=True, eval_split='validation'),
-    'imagenet_64': dict(name='downsampled_imagenet/64x64', channels=3, image_size=64,
-                        random_flip=True, eval_split='validation'),
-    'ffhq': dict(name='folder', channels=3, image_size=256, random_flip=True,
-                 eval_split='test'),
-}
-_LSUN = {'church': 'lsun/church_outdoor', 'bedroom': 'lsun/bedroom', 'tower': 'lsun/tower'}
-
-_TRAIN_EXAMPLES_KEY = {'mnist': 'mnist', 'cifar10': 'cifar10', 'celeba_64': 'celeba64',
-                       'imagenet_32': 'imagenet32', 'celeba_256': 'celebahq256',
-                       'ffhq': 'ffhq256'}
-
-# Arguments that evaluate.py back-fills for checkpoints written before they existed.
-BACKFILL = dict(ada_groups=False, min_groups_per_scale=1, num_mixture_dec=10)
-
-_MODEL_ARGS = ('num_channels_enc', 'num_channels_dec', 'num_preprocess_blocks',
-               'num_preprocess_cells', 'num_postprocess_blocks', 'num_postprocess_cells',
-               'num_latent_scales', 'num_groups_per_scale', 'num_latent_per_group',
-               'num_cell_per_cond_enc', 'num_cell_per_cond_dec', 'ada_groups',
-               'min_groups_per_scale', 'use_se', 'res_dist', 'num_nf', 'num_mixture_dec',
-               'kl_anneal_portion', 'kl_const_portion', 'kl_const_coeff', 'weight_decay_norm',
-               'weight_decay_norm_init', 'weight_decay_norm_anneal')
-# Arguments without which no model can be built (the rest have argparse defaults).
-_REQUIRED = ('dataset', 'num_channels_enc', 'num_channels_dec', 'num_latent_scales',
-             'num_groups_per_scale', 'num_latent_per_group', 'num_preprocess_blocks',
-             'num_postprocess_blocks')
-# argparse defaults of the original train.py, for fields absent from a Namespace.
-_DEFAULTS = dict(num_x_bits=8, num_preprocess_cells=3, num_postprocess_cells=3,
-                 num_cell_per_cond_enc=1, num_cell_per_cond_dec=1, use_se=False,
-                 res_dist=False, num_nf=0, kl_anneal_portion=0.3, kl_const_portion=1e-4,
-                 kl_const_coeff=1e-4, weight_decay_norm=0.0, weight_decay_norm_init=10.0,
-                 weight_decay_norm_anneal=False, arch_instance='res_mbconv',
-                 learning_rate=1e-2, learning_rate_min=1e-4, weight_decay=3e-4, epochs=200,
-                 warmup_epochs=5, batch_size=200, num_process_per_node=1, num_proc_node=1,
-                 seed=1)
-
-
-def dataset_fields(dataset: str) -> dict[str, Any]:
-  """Data fields for an original ``--dataset`` value (``DATASETS``, plus ``lsun_<cat>_<N>``)."""
-  if dataset in DATASETS:
-    return dict(DATASETS[dataset])
-  m = re.fullmatch(r'lsun_(church|bedroom|tower)_(\d+)', dataset)
-  if m:
-    return dict(name=_LSUN[m.group(1)], channels=3, image_size=int(m.group(2)),
-                random_flip=True, eval_split='validation')
-  raise ValueError(f'args.dataset: unsupported dataset {dataset!r}; expected one of '
-                   f'{sorted(DATASETS)} or lsun_{{church,bedroom,tower}}_<size>')
-
-
-def _args_dict(args) -> dict[str, Any]:
-  if isinstance(args, argparse.Namespace):
-    return dict(vars(args))
-  if isinstance(args, Mapping):
-    return dict(args)
-  raise TypeError(f'args: expected an argparse.Namespace or a mapping, found {type(args)}')
-
-
-def config_from_args(args, *, data_dir: str = '',
-                     faithful_dml: bool = True) -> ml_collections.ConfigDict:
-  """An nvae_jax config equivalent to an original run's arguments (see the module docstring)."""
-  a = dict(_DEFAULTS)
-  a.update(BACKFILL)
-  a.update({k: v for k, v in _args_dict(args).items() if v is not None})
-  missing = [k for k in _REQUIRED if k not in _args_dict(args)]
-  if missing:
-    raise ValueError(f'args: missing original arguments {missing}; is this an NVAE checkpoint?')
-  if a['arch_instance'] != 'res_mbconv':
-    raise ValueError(f'args.arch_instance: only "res_mbconv" (every README command) is '
-                     f'implemented, found {a["arch_instance"]!r}')
-
-  c = nvae_base.get_config()
-  for k in _MODEL_ARGS:
-    c.model[k] = type(c.model[k])(a[k])
-  c.model.faithful_dml = bool(faithful_dml)
-
-  data = dataset_fields(a['dataset'])
-  for k, v in data.items():
-    c.data[k] = v
-  c.data.data_dir = data_dir
-  c.data.num_bits = int(a['num_x_bits'])
-  c.eval.split = c.data.eval_split
-
-  gpus = int(a['num_process_per_node']) * int(a['num_proc_node'])
-  global_batch = int(a['batch_size']) * gpus
-  c.data.batch_size = global_batch
-  c.data.eval_batch_size = global_batch
-  c.optim.lr = float(a['learning_rate'])
-  c.optim.min_lr = float(a['learning_rate_min'])
-  c.optim.weight_decay = float(a['weight_decay'])
-  c.seed = int(a['seed'])
-  # The schedule (and the KL warm-up horizon, which follows train.num_steps) in steps, when the
-  # epoch length of the dataset is known.
-  examples = nvae_base.TRAIN_EXAMPLES.get(_TRAIN_EXAMPLES_KEY.get(a['dataset'], ''))
-  if examples:
-    spe = nvae_base.steps_per_epoch(examples, global_batch)
-    c.train.num_steps = int(a['epochs']) * spe
-    c.optim.warmup_steps = int(a['warmup_epochs']) * spe
-  return c
+# Original arguments -> config, and the dataset table, live in the library's config.
+config_from_args = nvae_base.config_from_original_args
+dataset_fields = datasets.data_fields
 
 
 def _import_torch():
@@ -303,8 +195,9 @@ def convert_checkpoint(checkpoint: str, out_dir: str, *, data_dir: str = '',
     saver.save(int(ckpt['global_step']), state, config=config, force=True)
   finally:
     saver.close()
+  dataset = nvae_base.original_args_dict(ckpt['args']).get('dataset')
   summary = dict(source=os.path.abspath(checkpoint), step=int(ckpt['global_step']),
-                 epoch=ckpt['epoch'], dataset=_args_dict(ckpt['args']).get('dataset'),
+                 epoch=ckpt['epoch'], dataset=dataset,
                  config=os.path.join(out_dir, 'config.py'), checkpoint_dir=ckpt_dir,
                  num_params=state_lib.num_params(params), num_keys=len(ckpt['state_dict']),
                  unused=conv.unused, unfilled=conv.missing, num_dropped=len(conv.dropped),

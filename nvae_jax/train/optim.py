@@ -33,11 +33,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nvae_jax.config.schema import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES  # noqa: F401
 from nvae_jax.errors import TrainingError
-
-OPTIMIZERS = ('adam', 'adamax', 'adamw')
-SCHEDULES = ('cosine', 'constant')
-WEIGHT_DECAY_MODES = ('coupled', 'decoupled')
 
 
 def make_schedule(optim_config, num_steps: int) -> Callable[[jax.Array], jax.Array]:

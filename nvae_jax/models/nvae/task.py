@@ -14,6 +14,7 @@ from jax import lax
 
 from nvae_jax import objectives
 from nvae_jax import policy
+from nvae_jax.config import nvae as nvae_config
 from nvae_jax.distributions import make_output_distribution
 from nvae_jax.models.base import register
 from nvae_jax.models.nvae import sampling as nvae_sampling
@@ -22,15 +23,9 @@ from nvae_jax.models.nvae.plan import NVAEArch, groups_per_scale
 from nvae_jax.nn.conv import CONV_KERNELS, DEPTHWISE_IMPLS
 
 
-_MODEL_FIELDS = ('num_channels_enc', 'num_channels_dec', 'num_preprocess_blocks',
-                 'num_preprocess_cells', 'num_postprocess_blocks', 'num_postprocess_cells',
-                 'num_latent_scales', 'num_groups_per_scale', 'num_latent_per_group',
-                 'num_cell_per_cond_enc', 'num_cell_per_cond_dec', 'ada_groups',
-                 'min_groups_per_scale', 'use_se', 'res_dist', 'num_nf')
-_TASK_DEFAULTS = dict(num_mixture_dec=10, decoder='auto', faithful_dml=False,
-                      kl_anneal_portion=0.3, kl_const_portion=1e-4, kl_const_coeff=1e-4,
-                      weight_decay_norm=0.0, weight_decay_norm_init=10.0,
-                      weight_decay_norm_anneal=False, depthwise_impl='auto', total_steps=0)
+# The architecture arguments are required; the other model fields default to the one NVAE
+# defaults table (``nvae_jax.config.nvae.MODEL_DEFAULTS``).
+_OPTIONAL_FIELDS = tuple(k for k in nvae_config.MODEL_DEFAULTS if k not in nvae_config.ARCH_ARGS)
 
 
 def _get(cfg, name, default=None):
@@ -56,8 +51,8 @@ def likelihood_from_config(config) -> tuple[str, tuple]:
   registry.
   """
   m, data = config.model, config.data
-  name = _get(m, 'decoder', 'auto')
-  mix = int(_get(m, 'num_mixture_dec', 10))
+  name = _get(m, 'decoder', nvae_config.MODEL_DEFAULTS['decoder'])
+  mix = int(_get(m, 'num_mixture_dec', nvae_config.MODEL_DEFAULTS['num_mixture_dec']))
   bits = int(_get(data, 'num_bits', 8))
   if name == 'auto':
     if _get(data, 'binarize', 'none') != 'none':
@@ -96,13 +91,13 @@ class NVAETask:
   def __init__(self, config):
     self.config = config
     m = config.model
-    for f in _MODEL_FIELDS:
+    for f in nvae_config.ARCH_ARGS:
       if f not in m:
         raise ValueError(f'config.model.{f}: missing (NVAE needs the original arguments; see '
                          'nvae_jax/config/nvae.py)')
-    self.hparams = {f: m[f] for f in _MODEL_FIELDS}
-    for f, v in _TASK_DEFAULTS.items():
-      setattr(self, f, _get(m, f, v))
+    self.hparams = {f: m[f] for f in nvae_config.ARCH_ARGS}
+    for f in _OPTIONAL_FIELDS:
+      setattr(self, f, _get(m, f, nvae_config.MODEL_DEFAULTS[f]))
     total = int(self.total_steps or config.train.num_steps)
     if total <= 0:
       raise ValueError(f'config.model.total_steps / config.train.num_steps: expected a positive '
