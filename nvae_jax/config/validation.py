@@ -13,8 +13,8 @@ from typing import Any
 
 from nvae_jax import policy
 from nvae_jax.config import schema
-from nvae_jax.errors import ConfigError  # noqa: F401 (defined there, re-exported here)
 from nvae_jax.config.schema import base_config
+from nvae_jax.errors import ConfigError  # noqa: F401 (defined there, re-exported here)
 
 
 def _fail(field: str, expected: str, found: Any) -> None:
