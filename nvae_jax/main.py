@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from nvae_jax.config.validation import ConfigError
+from nvae_jax import errors
 
 MODES = ('train', 'eval', 'sample', 'describe')
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -49,7 +49,40 @@ def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
                        '(default: auto-detected).', flag_values=fv)
   flags.DEFINE_integer('process_id', None, 'This process for --distributed (default: '
                        'auto-detected).', flag_values=fv)
+  flags.DEFINE_bool('debug', False, 'Show the Python traceback of user errors too.',
+                    flag_values=fv)
   return fv
+
+
+def _config_arg(argv: Sequence[str]) -> str | None:
+  """The value of ``--config`` in ``argv`` (``None``: not given, the default is used)."""
+  for i, a in enumerate(argv[1:], start=1):
+    if a.startswith('--config='):
+      return a[len('--config='):]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _check_config_file(value: str) -> None:
+  """Clear errors for a config file that is missing, broken or has no ``get_config``."""
+  import ast  # pylint: disable=import-outside-toplevel
+  path = value.split(':', 1)[0]
+  if not os.path.isfile(path):
+    found = 'a directory' if os.path.isdir(path) else 'no such file'
+    raise errors.FlagError(f'--config={value}: expected a config file path.py[:arg], found '
+                           f'{found} at {path!r}')
+  try:
+    with open(path, encoding='utf-8') as f:
+      tree = ast.parse(f.read(), filename=path)
+  except SyntaxError as e:
+    raise errors.FlagError(f'--config={value}: syntax error in {path}, line {e.lineno}: '
+                           f'{e.msg}') from e
+  except (OSError, UnicodeDecodeError) as e:
+    raise errors.FlagError(f'--config={value}: cannot read {path}: {e}') from e
+  if not any(isinstance(n, ast.FunctionDef) and n.name == 'get_config' for n in tree.body):
+    raise errors.FlagError(f'--config={value}: expected {path} to define get_config(arg=None) '
+                           'returning the config; found no get_config')
 
 
 def _initialize_distributed(fv: flags.FlagValues) -> None:
@@ -86,10 +119,14 @@ def _emit(record: dict[str, Any]) -> None:
 def main(argv: Sequence[str]) -> dict[str, Any]:
   """Parses ``argv`` (``argv[0]`` is the program name), runs the mode, returns its result.
 
-  Raises ``absl.flags.Error`` for bad flags (unknown config field, wrong type) and ``ValueError``
-  for bad config values, before anything is compiled.
+  Raises :class:`nvae_jax.errors.NvaeJaxError` subclasses (or ``absl.flags.Error``) for user
+  errors: bad flags and config files, config values (checked before anything is compiled), data,
+  checkpoints.  A train run stopped by SIGTERM/SIGINT returns ``{'preempted': ..., ...}``.
   """
   argv = list(argv)
+  config_value = _config_arg(argv)
+  if config_value is not None:
+    _check_config_file(config_value)
   try:
     fv = _define_flags(argv)
     if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
@@ -97,15 +134,21 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
       print(fv.get_help())
       return {}
     fv(argv)
+  except (flags.Error, errors.NvaeJaxError):
+    raise
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
     detail = e
     while isinstance(detail, BaseException) and detail.args:
       detail = detail.args[0]
     detail = str(detail).replace('\n', '; ')
-    raise flags.Error(f'unknown config field in a --config.* override: {detail}') from e
+    raise errors.FlagError(f'unknown config field in a --config.* override: {detail}') from e
+  except Exception as e:  # pylint: disable=broad-except  # raised by the config file's code
+    raise errors.FlagError(f'--config={config_value or DEFAULT_CONFIG}: loading the config '
+                           f'failed: {type(e).__name__}: {e}') from e
   mode = fv.mode
   if mode != 'describe' and not fv.workdir:
-    raise flags.ValidationError(f'--workdir: required for --mode={mode}')
+    raise errors.FlagError(f'--workdir: required for --mode={mode}; expected a directory path, '
+                           'got none')
   if fv.distributed:
     _initialize_distributed(fv)
   config = _finalize(fv)
@@ -126,16 +169,31 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   return result
 
 
-def run() -> None:
-  """Console-script entry point: exits 2 with a one-line message on a bad flag or config."""
+def _one_line(message: str) -> str:
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  return '; '.join(lines)
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+  """Console-script entry point; exits with the statuses below.
+
+  0: done.  2 (``errors.USER_ERROR_EXIT``): a user error (bad flag, config, data, checkpoint,
+  workdir, a diverging run), printed as one line ``nvae-jax: <kind> error: <message>`` (with its
+  traceback under ``--debug``).  75 (``errors.PREEMPTED_EXIT``): stopped by SIGTERM/SIGINT after
+  checkpointing; rerun (requeue) to resume.  1: a bug (Python traceback).
+  """
+  argv = list(sys.argv if argv is None else argv)
+  debug = any(a in ('--debug', '--debug=true', '--debug=True', '--debug=1') for a in argv[1:])
   try:
-    main(sys.argv)
-  except flags.Error as e:
-    print(f'nvae-jax: flag error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except ConfigError as e:
-    print(f'nvae-jax: config error: {e}', file=sys.stderr)
-    sys.exit(2)
+    result = main(argv)
+  except (errors.NvaeJaxError, flags.Error) as e:
+    if debug:
+      raise
+    kind = e.kind if isinstance(e, errors.NvaeJaxError) else 'flag'
+    print(f'nvae-jax: {kind} error: {_one_line(str(e))}', file=sys.stderr, flush=True)
+    sys.exit(errors.USER_ERROR_EXIT)
+  if isinstance(result, dict) and result.get('preempted'):
+    sys.exit(errors.PREEMPTED_EXIT)
 
 
 if __name__ == '__main__':

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
+from nvae_jax import errors
 from nvae_jax import main as main_lib
 from nvae_jax.config.validation import ConfigError
 
@@ -149,7 +150,7 @@ def no_compile(monkeypatch):
      r'data\.batch_size: expected a multiple of the number of devices \(8\), got 12'),
     ('--config.precision.compute_dtype=float16', ConfigError, r'precision\.compute_dtype'),
     ('--config.remat.policy=everything', ConfigError, r'remat\.policy'),
-    ('--config.optim.lrr=0.1', flags.Error,  # unknown field: the config is locked
+    ('--config.optim.lrr=0.1', errors.FlagError,  # unknown field: the config is locked
      r'unknown config field .*lrr.*Did you mean "lr"'),
     ('--config.optim.lr=abc', flags.Error, r'--config\.optim\.lr=abc.*float'),  # wrong type
 ])
@@ -174,7 +175,7 @@ def get_config(arg=None):
 
 
 def test_missing_workdir_and_module_entry_point():
-  with pytest.raises(flags.Error, match='--workdir'):
+  with pytest.raises(errors.FlagError, match='--workdir'):
     _main(f'--config={QUICKSTART}', '--mode=eval')
   # `python -m nvae_jax.main` works: a bad enum exits with status 2 and a one-line message.
   proc = subprocess.run(

@@ -5,8 +5,14 @@ The old-layout checkpoint (``tests/data/nvae_layout_v1/``) was written by the co
 df9ff56 (see its ``make_fixture.py``); the sigmas it must give come from that code too.
 """
 
+import importlib.util
 import json
 import os
+import random
+import re
+import signal
+import subprocess
+import sys
 import tarfile
 
 import jax
@@ -156,25 +162,19 @@ def test_missing_migration_step_is_named():
 # ------------------------------------------------------------------------- damaged checkpoints
 
 
-def _tiny_config(**train):
-  """TinyVAETask on the 8x8 digits: compiles in seconds."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from nvae_jax.config import base_config  # pylint: disable=import-outside-toplevel
-  c = base_config()
-  c.model = ml_collections.ConfigDict(dict(name='tiny_test_vae', features=4, latent=2))
-  c.data.name = 'digits'
-  c.data.train_split, c.data.eval_split = 'train[:90%]', 'train[90%:]'
-  c.data.batch_size, c.data.eval_batch_size = 16, 16
-  c.optim.lr = 3e-3
-  c.optim.warmup_steps = 2
-  c.train.update(dict(num_steps=6, log_every=1, eval_every=0, checkpoint_every=3,
-                      images_every=0, num_eval_batches=1, num_images=8, async_checkpoints=True))
-  c.train.update(train)
-  return c
+TINY_CONFIG = os.path.join(DATA, 'tiny_train_config.py')
 
 
-def _host_state(workdir, step):
-  config = _tiny_config()
+def _tiny_config(arg=None):
+  """``tests/data/tiny_train_config.py``: TinyVAETask on the 8x8 digits, compiles in seconds."""
+  spec = importlib.util.spec_from_file_location('tiny_train_config', TINY_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _host_state(workdir, step, arg=None):
+  config = _tiny_config(arg)
   run = build.build(config)
   abstract, _ = build.abstract_state(run, build.batch_spec((8, 8, 1), 16))
   ckpt = ckpt_lib.Checkpointer(build.checkpoint_dir(workdir))
@@ -231,3 +231,126 @@ def test_damaged_latest_checkpoint_falls_back(tiny_uninterrupted, tmp_path, capf
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(expected)[0],
                           jax.tree.leaves(found)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------- preemption and SIGKILL, in child processes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG_STEPS = 40
+
+
+@pytest.fixture(scope='module')
+def long_reference(tmp_path_factory):
+  """The 'long' tiny config trained in one go (in this process: same devices and flags)."""
+  from nvae_jax.train import loop  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp('long_reference'))
+  loop.train_and_evaluate(_tiny_config('long'), workdir)
+  return workdir
+
+
+def _start_child(workdir):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  return subprocess.Popen(
+      [sys.executable, '-m', 'nvae_jax.main', f'--config={TINY_CONFIG}:long',
+       f'--workdir={workdir}'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+
+
+def _run_until(proc, step, sig):
+  """Reads the child's progress lines; sends ``sig`` once it reports ``step`` (or later)."""
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    m = re.match(r'step (\d+)/', line)
+    if m and int(m.group(1)) >= step:
+      proc.send_signal(sig)
+      break
+  lines.extend(proc.stdout)  # until the child exits
+  proc.wait(timeout=120)
+  return ''.join(lines)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_same_run(reference, workdir):
+  """Final state bit-identical to the reference; metrics once per (step, split), same losses."""
+  expected, found = _host_state(reference, LONG_STEPS, 'long'), _host_state(workdir, LONG_STEPS,
+                                                                              'long')
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(expected)[0],
+                          jax.tree.leaves(found)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  records = _metrics(workdir)
+  keys = [(r['step'], r['split']) for r in records]
+  assert len(keys) == len(set(keys)), f'repeated records: {sorted(keys)}'
+  ref = {(r['step'], r['split']): r for r in _metrics(reference)}
+  assert sorted(keys) == sorted(ref)
+  for r in records:
+    if r['split'] == 'train':
+      assert r['loss'] == ref[(r['step'], 'train')]['loss'], r['step']
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identically(long_reference,
+                                                                          tmp_path):
+  workdir = str(tmp_path)
+  out = _run_until(_start_child(workdir), 12, signal.SIGTERM)
+  m = re.search(r'Stopped by SIGTERM after step (\d+): checkpoint (\S+) written', out)
+  assert m, out[-3000:]
+  stopped = int(m.group(1))
+  assert 12 <= stopped < LONG_STEPS
+  ckpt = ckpt_lib.Checkpointer(build.checkpoint_dir(workdir))
+  assert ckpt.latest_step() == stopped  # nothing lost
+  ckpt.close()
+  proc = _start_child(workdir)
+  out2 = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out2[-3000:]
+  assert f'Resumed from {build.checkpoint_dir(workdir)}/{stopped}.' in out2
+  _assert_same_run(long_reference, workdir)
+
+
+def test_preempted_exit_status(long_reference, tmp_path):
+  """The status that launch/slurm_gpu.sbatch turns into a requeue (checked on the first child)."""
+  proc = _start_child(str(tmp_path))
+  out = _run_until(proc, 3, signal.SIGINT)
+  assert proc.returncode == errors.PREEMPTED_EXIT == 75, out[-3000:]
+  assert 'Stopped by SIGINT' in out
+
+
+def test_sigkill_at_random_steps_then_resume(long_reference, tmp_path):
+  """Fault injection: 3 SIGKILLs at random steps (some during async checkpoint writes)."""
+  workdir = str(tmp_path)
+  rng = random.Random(8)
+  kills = sorted(rng.sample(range(3, LONG_STEPS - 2), 3))
+  for target in kills:
+    proc = _start_child(workdir)
+    out = _run_until(proc, target, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+  proc = _start_child(workdir)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  _assert_same_run(long_reference, workdir)
+
+
+def test_slurm_script_requeues_a_preempted_run(tmp_path):
+  """launch/slurm_gpu.sbatch with stand-ins for srun and scontrol: SIGTERM to the batch shell
+  reaches the training process, which checkpoints and exits 75; the script requeues the job."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'srun').write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+  (bin_dir / 'scontrol').write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/scontrol.txt\n')
+  for name in ('srun', 'scontrol'):
+    os.chmod(bin_dir / name, 0o755)
+  workdir = str(tmp_path / 'work')
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', PYTHON=sys.executable,
+             PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_JOB_ID='4242',
+             NVAE_JAX_DISTRIBUTED='0')
+  proc = subprocess.Popen(
+      ['bash', os.path.join(ROOT, 'launch', 'slurm_gpu.sbatch'), f'--config={TINY_CONFIG}:long',
+       f'--workdir={workdir}', '--nodistributed'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  out = _run_until(proc, 3, signal.SIGTERM)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'Stopped by SIGTERM after step' in out and 'requeueing job 4242' in out
+  assert (tmp_path / 'scontrol.txt').read_text().split() == ['requeue', '4242']

@@ -18,8 +18,9 @@ entries.
 
 Damaged checkpoints: :meth:`Checkpointer.restore_latest` restores the newest *readable* checkpoint;
 a newer one that cannot be read (a truncated or missing file, a partial write) is reported with a
-warning naming its step and skipped, never deleted.  ``set_aside_damaged=True`` (training) moves it
-to ``<workdir>/checkpoints_damaged/<step>`` so that the run can write that step again.
+warning naming its step and skipped, never deleted; a later :meth:`Checkpointer.save` (training)
+first moves it to ``<workdir>/checkpoints_damaged/<step>``, so that the run can write that step
+again.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class Checkpointer:
                save_every: int = 1, model: str | None = None):
     self.directory = os.path.abspath(directory)
     self.model = model
+    self._damaged: list[int] = []
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -137,6 +139,9 @@ class Checkpointer:
   def save(self, step: int, state, *, data_state: dict | None = None, config=None,
            force: bool = False) -> bool:
     """Saves if ``step`` is due (or ``force``); returns whether a save was started."""
+    if self._damaged:  # found by restore_latest: make room for the steps they hold
+      self._set_aside(self._damaged)
+      self._damaged = []
     items = dict(state=ocp.args.StandardSave(state),
                  data=ocp.args.JsonSave(data_state if data_state is not None else {}))
     model = self.model or (str(config.model.name) if config is not None else None)
@@ -224,13 +229,12 @@ class Checkpointer:
                 current)
     return state, dict(r.data or {}), (r.config if 'config' in names else None)
 
-  def restore_latest(self, abstract_state, *, set_aside_damaged: bool = False,
-                     stream=None) -> tuple[int, Any, dict, dict | None]:
+  def restore_latest(self, abstract_state, *, stream=None) -> tuple[int, Any, dict, dict | None]:
     """``(step, state, data_state, config_dict)`` of the newest checkpoint that can be read.
 
     Newer checkpoints that cannot be read are skipped with a warning naming their step (on
-    ``stream``, default stderr) and kept; with ``set_aside_damaged`` they are moved to
-    ``<directory>_damaged/<step>`` (process 0) so that the step can be written again.
+    ``stream``, default stderr) and kept; the next :meth:`save` first moves them to
+    ``<directory>_damaged/<step>`` (process 0), so that those steps can be written again.
 
     Raises:
       NoCheckpointError: no checkpoint at all.
@@ -252,13 +256,13 @@ class Checkpointer:
               'and the previous checkpoint is used', file=stream or sys.stderr, flush=True)
         damaged.append(step)
         continue
-      if damaged and set_aside_damaged:
-        self._set_aside(damaged)
+      self._damaged = damaged
       return step, state, data_state, config
     raise CheckpointError(f'no readable checkpoint in {self.directory}: steps {steps} are all '
                           'damaged (see the warnings above); move them away to start afresh')
 
   def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged steps out of the manager's directory (never deletes them)."""
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices('nvae_jax_checkpoint_set_aside_start')
     if jax.process_index() == 0:

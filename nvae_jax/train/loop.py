@@ -15,7 +15,14 @@ What ends up in ``workdir`` (written by process 0, checkpoints by all processes 
 
 Resuming: a run started in a ``workdir`` that holds a checkpoint restores the train state and the
 data position and continues exactly as if it had not stopped (the step's rng is
-``fold_in(rng, step)``, the pipeline is a pure function of its position).
+``fold_in(rng, step)``, the pipeline is a pure function of its position).  Records of steps after
+the restored checkpoint, left by the interrupted run, are dropped from ``metrics.jsonl`` (and
+purged from the TensorBoard events), so that each (step, split) appears once.  A damaged newest
+checkpoint is skipped for the newest readable one (``nvae_jax.train.checkpoint``).
+
+Stopping: SIGTERM/SIGINT end the run after the current step with a checkpoint of it
+(``nvae_jax.train.preemption``).  A run that fails before its first step leaves the workdir as it
+found it (``nvae_jax.train.workdir``).
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from nvae_jax import errors
 from nvae_jax.train import evaluate as eval_lib
+from nvae_jax.train import preemption
+from nvae_jax.train import workdir as workdir_lib
 from nvae_jax.train import sample as sample_lib
 from nvae_jax.train import optim
 from nvae_jax.train import build
@@ -50,22 +60,39 @@ def _format_duration(seconds: float) -> str:
 
 
 class MetricWriter:
-  """JSON lines + TensorBoard + stdout, only on process 0."""
+  """JSON lines + TensorBoard + stdout, only on process 0.
+
+  Files are opened on the first record, so that a run that fails before it trains leaves none.
+  ``start_at(step)`` (the restored step, 0 for a fresh run) drops the records of later steps that an
+  interrupted run left in ``metrics.jsonl`` (and a partial last line), and purges the TensorBoard
+  events of those steps, so that every (step, split) appears once.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True, stream=None):
     self.enabled = enabled
     self.stream = stream or sys.stdout
+    self.workdir = workdir
+    self._start_step = 0
     self._tb = None
     self._jsonl = None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def start_at(self, step: int) -> None:
+    self._start_step = int(step)
+
+  def _open(self) -> None:
+    os.makedirs(self.workdir, exist_ok=True)
+    path = os.path.join(self.workdir, 'metrics.jsonl')
+    if os.path.exists(path):
+      _drop_records_after(path, self._start_step)
+    self._jsonl = open(path, 'a', encoding='utf-8')
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self._tb = SummaryWriter(os.path.join(self.workdir, 'tb'), purge_step=self._start_step + 1)
 
   def write(self, step: int, split: str, values: dict[str, Any]) -> None:
     if not self.enabled:
       return
+    if self._jsonl is None:
+      self._open()
     record = {'step': int(step), 'split': split}
     record.update({k: _json_number(v) for k, v in values.items()})
     self._jsonl.write(json.dumps(record) + '\n')
@@ -84,6 +111,26 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Keeps the complete records of ``path`` with ``record['step'] <= step`` (atomic rewrite)."""
+  kept, dropped = [], 0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+        keep = line.endswith('\n') and int(record['step']) <= step
+      except (ValueError, KeyError, TypeError):
+        keep = False
+      if keep:
+        kept.append(line)
+      else:
+        dropped += 1
+  if dropped:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
 
 
 def _json_number(v):
@@ -147,21 +194,32 @@ def train_and_evaluate(config, workdir: str, *, task=None,
       the process were killed there; for tests of resumption.
 
   Returns:
-    ``{'step', 'train': last logged train metrics, 'eval': last eval report}``.
+    ``{'step', 'train': last logged train metrics, 'eval': last eval report}``, and
+    ``'preempted': 'SIGTERM'`` (or ``'SIGINT'``) when a stop signal ended the run early: the
+    step it stopped at is checkpointed (see :mod:`nvae_jax.train.preemption`).
   """
+  workdir_lib.check(workdir)
   run = build.build(config, task)
+  before = workdir_lib.snapshot(workdir)
+  progress = {'trained': False}
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-  ckpt = build.make_checkpointer(config, workdir)
+  ckpt = None
   try:
-    return _train(run, workdir, writer, ckpt, pipeline_fn or _default_pipeline_fn(),
-                  stop_after_steps)
+    with preemption.handle_stop_signals() as stop:
+      ckpt = build.make_checkpointer(config, workdir)
+      return _train(run, workdir, writer, ckpt, pipeline_fn or _default_pipeline_fn(),
+                    stop_after_steps, stop, progress)
   finally:  # also on errors: finish pending checkpoint writes, flush the logs
-    ckpt.close()
+    if ckpt is not None:
+      ckpt.close()
     writer.close()
+    if not progress['trained'] and jax.process_index() == 0:
+      workdir_lib.restore(workdir, before)  # failed before its first step: leave no trace
 
 
 def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn: Callable,
-           stop_after_steps: int | None) -> dict[str, Any]:
+           stop_after_steps: int | None, stop: preemption.StopRequest,
+           progress: dict[str, bool]) -> dict[str, Any]:
   """The body of :func:`train_and_evaluate` (which owns ``writer`` and ``ckpt``)."""
   c = run.config
   pidx, pcount = jax.process_index(), jax.process_count()
@@ -178,11 +236,12 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), global_first))
   restored_step = None
   if ckpt.latest_step() is not None:
-    restored_step, state, data_state, _ = ckpt.restore_latest(abstract, set_aside_damaged=True)
+    restored_step, state, data_state, _ = ckpt.restore_latest(abstract)
     # The position is that of the global batch stream, the same on every host (process 0's).
     train_pipe.set_state(data_state)
     first = next(train_pipe)
     global_first = step_lib.put_batch(first, run.mesh)
+    writer.start_at(restored_step)
     writer.print(f'Resumed from {ckpt.directory}/{restored_step}.')
   else:
     state = build.init_state(run, global_first, shardings)
@@ -258,8 +317,11 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
     if step == start:  # keep compilation out of steps/s and the ETA
       jax.block_until_ready(metrics)
       t_last, steps_since = time.time(), -1
+      progress['trained'] = True
     done = step + 1
-    last = done == total or (stop_after_steps is not None and done - start >= stop_after_steps)
+    stopping = stop.requested()  # SIGTERM/SIGINT: checkpoint this step and return
+    last = (done == total or stopping
+            or (stop_after_steps is not None and done - start >= stop_after_steps))
     history.append(metrics)
     steps_since += 1
     if previous is not None:  # one step behind, so the host does not wait on every step
@@ -291,6 +353,13 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
       ckpt.save(done, state, data_state=train_pipe.get_state(), config=c, force=True)
     overhead += time.time() - t0
     result['step'] = done
+    if stopping and done < total:
+      ckpt.wait()
+      result['preempted'] = stop.signal_name
+      writer.print(f'Stopped by {stop.signal_name} after step {done}: checkpoint '
+                   f'{ckpt.directory}/{done} written; rerun the same command to resume '
+                   f'(nvae-jax exits with status {errors.PREEMPTED_EXIT}).')
+      return result
     if last:
       break
 
