@@ -134,7 +134,14 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
       print(fv.get_help())
       return {}
     fv(argv)
-  except (flags.Error, errors.NvaeJaxError):
+  except flags.Error as e:
+    if 'Error whilst parsing config file' not in str(e):
+      raise
+    # ml_collections puts the config code's traceback into the message: keep its last line.
+    last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    raise errors.FlagError(f'--config={config_value or DEFAULT_CONFIG}: loading the config '
+                           f'failed: {last}') from e
+  except errors.NvaeJaxError:
     raise
   except (AttributeError, KeyError) as e:  # ml_collections: an override of an unknown field
     detail = e

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
+from PIL import Image
 
 from configs import nvae_mnist
 from nvae_jax import errors
@@ -354,3 +355,163 @@ def test_slurm_script_requeues_a_preempted_run(tmp_path):
   assert proc.returncode == 0, out[-3000:]
   assert 'Stopped by SIGTERM after step' in out and 'requeueing job 4242' in out
   assert (tmp_path / 'scontrol.txt').read_text().split() == ['requeue', '4242']
+
+
+# ------------------------------------------------------------ one line and exit 2 for user errors
+
+QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')
+NVAE_MNIST = os.path.join(ROOT, 'configs', 'nvae_mnist.py')
+FLOW_MNIST = os.path.join(ROOT, 'configs', 'flow_mnist.py')
+MNIST_TFDS = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'tfds')
+# The quickstart conv VAE, shrunk: compiles in seconds.
+TINY_BASE = (f'--config={QUICKSTART}', '--config.data.batch_size=16', '--config.data.eval_batch_size=16',
+        '--config.train.num_steps=2', '--config.train.log_every=1', '--config.train.eval_every=0',
+        '--config.train.images_every=0', '--config.train.checkpoint_every=1',
+        '--config.train.num_eval_batches=1')
+TINY = TINY_BASE + ('--config.model.channels=(4, 8, 8)',)
+
+
+def _write(path, text):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  return str(path)
+
+
+def _npz(path, array):
+  np.savez(path, images=array)
+  return str(path)
+
+
+def _png_folder(folder, corrupt):
+  folder.mkdir()
+  for split in ('train', 'test'):
+    (folder / split).mkdir()
+    for i in range(20):
+      if corrupt:
+        (folder / split / f'{i}.png').write_bytes(b'not a png at all')
+      else:
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / split / f'{i}.png')
+  return str(folder)
+
+
+def _trained_tiny(workdir):
+  from nvae_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  main_lib.main(['nvae-jax', *TINY, f'--workdir={workdir}'])
+
+
+# (name, argv after the program name given tmp_path, the kind in the message, a pattern it has).
+# Each is one of the malformed inputs of issue #8's trial.
+USER_ERRORS = [
+    ('bad enum value', lambda t: [*TINY, '--config.optim.name=sgd', f'--workdir={t}/w'],
+     'config', r"optim\.name: expected one of .*got 'sgd'"),
+    ('bad type', lambda t: [*TINY, '--config.train.num_steps=ten', f'--workdir={t}/w'],
+     'flag', r'num_steps'),
+    ('unknown field', lambda t: [*TINY, '--config.optim.lrr=1', f'--workdir={t}/w'],
+     'flag', r'unknown config field .*lrr'),
+    ('bad range', lambda t: [*TINY, '--config.optim.b2=1.5', f'--workdir={t}/w'],
+     'config', r'optim\.b2: expected'),
+    ('missing config file', lambda t: [f'--config={t}/nope.py', f'--workdir={t}/w'],
+     'flag', r'--config=.*nope\.py: expected a config file .* found no such file'),
+    ('broken config file', lambda t: [f'--config={_write(t / "broken.py", "def get_config(:")}',
+                                      f'--workdir={t}/w'],
+     'flag', r'syntax error in .*broken\.py, line 1'),
+    ('no get_config', lambda t: [f'--config={_write(t / "empty.py", "X = 1")}',
+                                 f'--workdir={t}/w'],
+     'flag', r'expected .*empty\.py to define get_config'),
+    ('unknown variant', lambda t: [f'--config={NVAE_MNIST}:large', f'--workdir={t}/w'],
+     'flag', r'loading the config failed: .*large'),
+    ('unknown model', lambda t: [*TINY, '--config.model.name=vqvae', f'--workdir={t}/w'],
+     'config', r'unknown model .vqvae.'),
+    ('unknown dataset', lambda t: [*TINY, '--config.data.name=no_such_dataset',
+                                   f'--workdir={t}/w'],
+     'data', r'no_such_dataset'),
+    ('unprepared TFDS data', lambda t: [*TINY, '--config.data.name=mnist',
+                                        f'--config.data.data_dir={t}', f'--workdir={t}/w'],
+     'data', r"TFDS dataset 'mnist' .*is not prepared"),
+    ('empty image folder', lambda t: [*TINY, '--config.data.name=folder',
+                                      f'--config.data.data_dir={_mkdir(t / "empty")}',
+                                      f'--workdir={t}/w'],
+     'data', r'holds no'),
+    ('corrupt image folder', lambda t: [*TINY, '--config.data.name=folder',
+                                        f'--config.data.data_dir={_png_folder(t / "f", True)}',
+                                        f'--workdir={t}/w'],
+     'data', r'cannot read image file'),
+    ('float npz', lambda t: [*TINY, '--config.data.name=npz', '--config.data.train_split=train',
+                             f'--config.data.data_dir={_npz(t / "f.npz", np.zeros((40, 16, 16, 1), np.float32))}',
+                             f'--workdir={t}/w'],
+     'data', r'uint8'),
+    ('wrong-channel npz', lambda t: [*TINY, '--config.data.name=npz',
+                                     f'--config.data.data_dir={_npz(t / "c.npz", np.zeros((40, 16, 16, 3), np.uint8))}',
+                                     f'--workdir={t}/w'],
+     'data', r'data\.channels=1'),
+    ('eval without checkpoint', lambda t: [*TINY, '--mode=eval', f'--workdir={t}/w'],
+     'checkpoint', r'no checkpoint in .*train first'),
+    ('workdir is a file', lambda t: [*TINY, f'--workdir={_write(t / "file", "x")}'],
+     'workdir', r'expected a directory .*found a file'),
+    ('missing workdir', lambda t: [*TINY],
+     'flag', r'--workdir: required for --mode=train'),
+    ('NVAE image size', lambda t: [f'--config={NVAE_MNIST}:small', f'--workdir={t}/w',
+                                   f'--config.data.data_dir={MNIST_TFDS}',
+                                   '--config.data.image_size=30', '--config.data.pad=0'],
+     'config', r'data\.image_size: expected .* multiples of 4 = 2\^\(model\.num_preprocess_blocks'
+               r'=1 \+ model\.num_latent_scales=2 - 1\); found images of 30x30'),
+    ('flow image size', lambda t: [f'--config={FLOW_MNIST}:small', f'--workdir={t}/w',
+                                   f'--config.data.data_dir={MNIST_TFDS}',
+                                   '--config.data.image_size=30'],
+     'config', r'data\.image_size: expected .* multiples of \d+ = 2\^model\.num_levels'),
+    ('resume with another architecture', lambda t: [
+        *TINY_BASE, '--config.model.channels=(4, 8, 16)', f'--workdir={_trained_tiny(t / "a") or t / "a"}'],
+     'checkpoint', r'does not fit the model .*shape mismatch'),
+    ('resume with another decoder', lambda t: [
+        *TINY, '--config.model.decoder=gaussian_shared', f'--workdir={_trained_tiny(t / "d") or t / "d"}'],
+     'checkpoint', r'does not fit the model'),
+    ('exploding learning rate', lambda t: [
+        *TINY, '--config.optim.lr=1e30', '--config.optim.warmup_steps=0',
+        '--config.optim.max_consecutive_skips=2', '--config.train.num_steps=8',
+        f'--workdir={t}/w'],
+     'training', r'optim\.max_consecutive_skips: 2 consecutive updates were skipped'),
+]
+
+
+def _mkdir(path):
+  path.mkdir()
+  return str(path)
+
+
+def _listing(root):
+  return sorted(os.path.relpath(os.path.join(d, n), root)
+                for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+@pytest.mark.parametrize('name,argv,kind,pattern', USER_ERRORS, ids=[e[0] for e in USER_ERRORS])
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, name, argv, kind, pattern):
+  from nvae_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  args = argv(tmp_path)
+  before = _listing(tmp_path)
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:
+    main_lib.run(['nvae-jax', *args])
+  err = capsys.readouterr().err
+  assert e.value.code == errors.USER_ERROR_EXIT, err
+  lines = [line for line in err.splitlines() if line.startswith('nvae-jax:')]
+  assert len(lines) == 1 and 'Traceback' not in err, err
+  assert lines[0].startswith(f'nvae-jax: {kind} error: '), lines[0]
+  assert re.search(pattern, lines[0]), lines[0]
+  if name != 'exploding learning rate':  # fails before its first step: the workdir is untouched
+    assert _listing(tmp_path) == before, name
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+  from nvae_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  with pytest.raises(errors.ConfigError, match='optim.name'):
+    main_lib.run(['nvae-jax', *TINY, '--config.optim.name=sgd', f'--workdir={tmp_path}',
+                  '--debug'])
+
+
+def test_every_user_error_is_a_library_error():
+  from nvae_jax.config.validation import ConfigError  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train.optim import TooManySkipsError  # pylint: disable=import-outside-toplevel
+  for cls in (ConfigError, ckpt_lib.CheckpointMismatchError, TooManySkipsError,
+              errors.DataError, errors.DataNotFoundError, errors.NoCheckpointError,
+              errors.CheckpointVersionError, errors.WorkdirError, errors.FlagError):
+    assert issubclass(cls, errors.NvaeJaxError), cls

@@ -45,6 +45,7 @@ import numpy as np
 from nvae_jax.data import hashrng
 from nvae_jax.data import sources as sources_lib
 from nvae_jax.data import transforms
+from nvae_jax.errors import DataError
 
 BINARIZE_MODES = ('none', 'dynamic', 'threshold')
 _MIN_ROWS_PER_WORKER = 16  # smaller batches are read in the calling thread
@@ -54,7 +55,7 @@ _STATE_FINGERPRINT = ('train', 'seed', 'split', 'split_size', 'global_batch_size
 def _positive_int(data: Any, field: str, minimum: int = 1) -> int:
   value = data[field]
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f'data.{field}: expected an int >= {minimum}, found {value!r}')
+    raise DataError(f'data.{field}: expected an int >= {minimum}, found {value!r}')
   return int(value)
 
 
@@ -76,11 +77,11 @@ def _check_common(data: Any) -> None:
   _positive_int(data, 'pad', 0)
   bits = _positive_int(data, 'num_bits')
   if bits > 8:
-    raise ValueError(f'data.num_bits: expected 1..8 (8 or 5 in NVAE), found {bits}')
+    raise DataError(f'data.num_bits: expected 1..8 (8 or 5 in NVAE), found {bits}')
   if data.binarize not in BINARIZE_MODES:
-    raise ValueError(f'data.binarize: expected one of {BINARIZE_MODES}, found {data.binarize!r}')
+    raise DataError(f'data.binarize: expected one of {BINARIZE_MODES}, found {data.binarize!r}')
   if data.binarize != 'none' and bits != 8:
-    raise ValueError(f'data.num_bits={bits} has no meaning with data.binarize={data.binarize!r} '
+    raise DataError(f'data.num_bits={bits} has no meaning with data.binarize={data.binarize!r} '
                      '(binary data); leave num_bits at 8')
 
 
@@ -88,17 +89,17 @@ def _geometry(native: tuple, data: Any, what: str) -> tuple[int, tuple[int, int,
   """``(content_size, final_shape)``; content_size 0 means: keep the native size."""
   channels, size, p = data.channels, data.image_size, data.pad
   if len(native) != 3:
-    raise ValueError(f'{what}: images must be [H, W, C]; found shape {tuple(native)}')
+    raise DataError(f'{what}: images must be [H, W, C]; found shape {tuple(native)}')
   if native[-1] is not None and native[-1] != channels:
-    raise ValueError(f'data.channels={channels} but {what} has images of shape {tuple(native)}')
+    raise DataError(f'data.channels={channels} but {what} has images of shape {tuple(native)}')
   if size > 0:
     content = size - 2 * p
     if content < 1:
-      raise ValueError(f'data.image_size={size} leaves no room for data.pad={p} on each side '
+      raise DataError(f'data.image_size={size} leaves no room for data.pad={p} on each side '
                        f'(need image_size > 2 * pad)')
     return content, (size, size, channels)
   if native[0] is None or native[1] is None:
-    raise ValueError(f'data.image_size=0 keeps the native size, but {what} has images of varying '
+    raise DataError(f'data.image_size=0 keeps the native size, but {what} has images of varying '
                      f'size {tuple(native)}; set data.image_size '
                      '(e.g. --config.data.image_size=32)')
   return 0, (native[0] + 2 * p, native[1] + 2 * p, channels)
@@ -108,7 +109,7 @@ def image_shape(data_config: Any) -> tuple[int, int, int]:
   """Final ``(H, W, C)`` of ``config.data``'s images after crop/resize and pad (reads no pixels)."""
   _check_common(data_config)
   if data_config.name == 'folder' and data_config.image_size == 0:
-    raise ValueError('data.image_size=0 keeps the native size, but data.name=folder has images '
+    raise DataError('data.image_size=0 keeps the native size, but data.name=folder has images '
                      'of varying size; set data.image_size (e.g. --config.data.image_size=64)')
   native = sources_lib.native_shape(data_config)
   return _geometry(native, data_config, f'data.name={data_config.name!r}')[1]
@@ -133,7 +134,7 @@ class Pipeline:
     field = 'batch_size' if train else 'eval_batch_size'
     global_batch = _positive_int(data, field)
     if global_batch % process_count:
-      raise ValueError(f'data.{field}={global_batch} is not divisible by process_count='
+      raise DataError(f'data.{field}={global_batch} is not divisible by process_count='
                        f'{process_count}')
     self.source = source
     self.split = split
@@ -151,13 +152,13 @@ class Pipeline:
 
     n = len(source)
     if n == 0:
-      raise ValueError(f'{source.description} is empty')
+      raise DataError(f'{source.description} is empty')
     self.split_size = n
     if self.train:
       self.num_examples = n // process_count
       self.batches_per_epoch = n // global_batch
       if self.batches_per_epoch == 0:
-        raise ValueError(f'{source.description} has {n} examples: fewer than one batch of '
+        raise DataError(f'{source.description} has {n} examples: fewer than one batch of '
                          f'data.{field}={global_batch}')
     else:
       self.batches_per_epoch = math.ceil(n / global_batch)
@@ -195,15 +196,15 @@ class Pipeline:
     mine = self.get_state()
     missing = [k for k in mine if k not in state]
     if missing:
-      raise ValueError(f'pipeline state: missing fields {missing}; found {sorted(state)}')
+      raise DataError(f'pipeline state: missing fields {missing}; found {sorted(state)}')
     for k in _STATE_FINGERPRINT:
       if state[k] != mine[k]:
-        raise ValueError(f'pipeline state: {k}={state[k]!r} was saved, but this pipeline has '
+        raise DataError(f'pipeline state: {k}={state[k]!r} was saved, but this pipeline has '
                          f'{k}={mine[k]!r}; resume with the same data config, seed and hosts')
     epoch, step = int(state['epoch']), int(state['step'])
     last = self.batches_per_epoch if not self.train else self.batches_per_epoch - 1
     if epoch < 0 or not 0 <= step <= last or (not self.train and epoch != 0):
-      raise ValueError(f'pipeline state: epoch={epoch}, step={step} out of range '
+      raise DataError(f'pipeline state: epoch={epoch}, step={step} out of range '
                        f'(batches_per_epoch={self.batches_per_epoch}, train={self.train})')
     self._epoch, self._step = epoch, step
 
@@ -260,12 +261,12 @@ class Pipeline:
       raw = self._read_fit(idx)
     shapes = {tuple(im.shape) for im in raw}
     if len(shapes) > 1:
-      raise ValueError(f'{self.source.description}: images of different shapes {sorted(shapes)} '
+      raise DataError(f'{self.source.description}: images of different shapes {sorted(shapes)} '
                        'cannot share a batch; set data.image_size to resize them')
     images = np.asarray(raw) if not isinstance(raw, np.ndarray) else raw
     images = transforms.pad(images, self._pad)
     if images.shape[1:] != self.image_shape:
-      raise ValueError(f'{self.source.description}: expected images of shape {self.image_shape} '
+      raise DataError(f'{self.source.description}: expected images of shape {self.image_shape} '
                        f'after resize/pad, found {images.shape[1:]} (data.channels='
                        f'{self.image_shape[-1]})')
     return images

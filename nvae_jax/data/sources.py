@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from nvae_jax.errors import DataError, DataNotFoundError
+
 # NVAE's CelebA64 crop (datasets.py, CropCelebA64): PIL box (left, upper, right, lower) = 148x148.
 CELEBA_CROP_BOX = (15, 40, 163, 188)
 LOCAL_SOURCES = ('digits', 'folder', 'npz')
@@ -53,7 +55,7 @@ def select_split(split: str, bases: dict[str, np.ndarray], what: str) -> np.ndar
   """Indices of ``split`` (a base name with an optional slice) among ``bases`` of a local source."""
   m = _SPLIT_RE.match(split.strip())
   if m is None or m.group(1) not in bases:
-    raise ValueError(f'split {split!r} of {what}: expected one of {sorted(bases)}, optionally '
+    raise DataError(f'split {split!r} of {what}: expected one of {sorted(bases)}, optionally '
                      f"sliced like 'train[:90%]' or 'all[1000:]'")
   base = bases[m.group(1)]
   lo, hi = _bound(m.group(2), len(base)), _bound(m.group(3), len(base))
@@ -65,13 +67,13 @@ def check_images(images: Any, channels: int, what: str) -> np.ndarray:
   images = np.asarray(images)
   if images.ndim != 4:
     hint = ' (add a channel axis: images[..., None])' if images.ndim == 3 else ''
-    raise ValueError(f'{what}: images must be a 4-D uint8 array [N, H, W, C]; found rank '
+    raise DataError(f'{what}: images must be a 4-D uint8 array [N, H, W, C]; found rank '
                      f'{images.ndim} with shape {images.shape}{hint}')
   if images.dtype != np.uint8:
-    raise ValueError(f'{what}: pixels must be uint8 in 0..255; found dtype {images.dtype} '
+    raise DataError(f'{what}: pixels must be uint8 in 0..255; found dtype {images.dtype} '
                      '(convert explicitly, e.g. np.round(x * 255).astype(np.uint8))')
   if images.shape[-1] != channels:
-    raise ValueError(f'{what}: data.channels={channels} but the images have '
+    raise DataError(f'{what}: data.channels={channels} but the images have '
                      f'{images.shape[-1]} channels (shape {images.shape})')
   return images
 
@@ -115,7 +117,7 @@ def digits_source(split: str, channels: int) -> ArraySource:
 def npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Shape and dtype of every array in an ``.npz`` file, from the headers only."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'data.data_dir: npz file {path!r} does not exist (data.name=npz '
+    raise DataNotFoundError(f'data.data_dir: npz file {path!r} does not exist (data.name=npz '
                             'takes the path of an .npz file in data.data_dir)')
   out = {}
   try:
@@ -130,7 +132,7 @@ def npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
           shape, _, dtype = read_header(f)
         out[member[:-4]] = (tuple(shape), np.dtype(dtype))
   except (zipfile.BadZipFile, ValueError) as e:
-    raise ValueError(f'data.data_dir: {path!r} is not a readable .npz file: {e}') from e
+    raise DataError(f'data.data_dir: {path!r} is not a readable .npz file: {e}') from e
   return out
 
 
@@ -140,13 +142,13 @@ def npz_key(path: str, key: str = '') -> str:
   listing = ', '.join(f'{k}: {d} {s}' for k, (s, d) in headers.items())
   if key:
     if key not in headers:
-      raise ValueError(f'data.npz_key={key!r} is not in {path!r}; it holds {listing}')
+      raise DataError(f'data.npz_key={key!r} is not in {path!r}; it holds {listing}')
     return key
   if 'images' in headers:
     return 'images'
   candidates = [k for k, (s, d) in headers.items() if d == np.uint8 and len(s) == 4]
   if len(candidates) != 1:
-    raise ValueError(f'{path!r}: cannot tell which array holds the images: expected a key '
+    raise DataError(f'{path!r}: cannot tell which array holds the images: expected a key '
                      f"'images' or exactly one uint8 4-D array, found {len(candidates)} among "
                      f'{listing}; set data.npz_key')
   return candidates[0]
@@ -176,7 +178,7 @@ def folder_in_test(relpath: str) -> bool:
 def list_images(folder: str) -> list[str]:
   """Relative POSIX paths of the png/jpg files under ``folder``, sorted."""
   if not os.path.isdir(folder):
-    raise FileNotFoundError(f'data.data_dir: image folder {folder!r} does not exist '
+    raise DataNotFoundError(f'data.data_dir: image folder {folder!r} does not exist '
                             '(data.name=folder takes a directory of png/jpg files)')
   out = []
   for root, _, files in os.walk(folder):
@@ -184,7 +186,7 @@ def list_images(folder: str) -> list[str]:
       if name.lower().endswith(IMAGE_SUFFIXES):
         out.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, '/'))
   if not out:
-    raise ValueError(f'data.data_dir: image folder {folder!r} holds no {"/".join(IMAGE_SUFFIXES)} '
+    raise DataError(f'data.data_dir: image folder {folder!r} holds no {"/".join(IMAGE_SUFFIXES)} '
                      'files (searched recursively)')
   return sorted(out)
 
@@ -196,7 +198,7 @@ class FolderSource:
 
   def __init__(self, folder: str, split: str, channels: int):
     if channels not in (1, 3):
-      raise ValueError(f'data.channels={channels}: an image folder is read as grayscale (1) or '
+      raise DataError(f'data.channels={channels}: an image folder is read as grayscale (1) or '
                        'RGB (3)')
     files = list_images(folder)
     test = np.array([folder_in_test(f) for f in files])
@@ -205,7 +207,7 @@ class FolderSource:
     what = f'image folder {folder!r}'
     idx = select_split(split, bases, what)
     if len(idx) == 0:
-      raise ValueError(f'split {split!r} of {what} is empty ({len(files)} files in all; the test '
+      raise DataError(f'split {split!r} of {what} is empty ({len(files)} files in all; the test '
                        'split takes the files whose sha256(relative path) % 10 == 0)')
     self.folder = folder
     self.files = [files[i] for i in idx]
@@ -225,7 +227,7 @@ class FolderSource:
         with Image.open(path) as im:
           arr = np.asarray(im.convert(self.mode))
       except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, ...)
-        raise ValueError(f'cannot read image file {path!r}: {type(e).__name__}: {e}') from e
+        raise DataError(f'cannot read image file {path!r}: {type(e).__name__}: {e}') from e
       out.append(arr.reshape(arr.shape[0], arr.shape[1], -1))
     return out
 
@@ -237,15 +239,15 @@ def _tfds():
   return tfds
 
 
-def _unknown_dataset(name: str) -> ValueError:
-  return ValueError(f'data.name={name!r} is neither a TFDS dataset nor one of the local sources '
+def _unknown_dataset(name: str) -> DataError:
+  return DataError(f'data.name={name!r} is neither a TFDS dataset nor one of the local sources '
                     f'{LOCAL_SOURCES}')
 
 
-def _not_prepared(name: str, split: str, data_dir: str, err: Exception) -> FileNotFoundError:
+def _not_prepared(name: str, split: str, data_dir: str, err: Exception) -> DataNotFoundError:
   where = (repr(data_dir) if data_dir
            else 'the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)')
-  return FileNotFoundError(
+  return DataNotFoundError(
       f'TFDS dataset {name!r} (split {split!r}) is not prepared in data_dir {where} and '
       f'data.download is False ({type(err).__name__}: {err}). Prepare it in array_record format '
       f'on a machine with network access, e.g. `tfds build {name} --file_format=array_record '
@@ -263,7 +265,7 @@ def tfds_image_shape(name: str, data_dir: str) -> tuple[int | None, int | None, 
   except tfds.core.registered.DatasetNotFoundError:
     raise _unknown_dataset(name) from None
   if 'image' not in info.features:
-    raise ValueError(f'TFDS dataset {name!r} has no image feature; its features are '
+    raise DataError(f'TFDS dataset {name!r} has no image feature; its features are '
                      f'{list(info.features)}')
   return tuple(info.features['image'].shape)
 
@@ -275,7 +277,7 @@ class TfdsSource:
     tfds = _tfds()
     shape = tfds_image_shape(name, data_dir)
     if shape[-1] != channels:
-      raise ValueError(f'data.channels={channels} but TFDS dataset {name!r} has images of shape '
+      raise DataError(f'data.channels={channels} but TFDS dataset {name!r} has images of shape '
                        f'{shape}')
     kwargs = dict(split=split, data_dir=data_dir or None, download=download)
     if data_dir:  # without it data_source would pick the tfrecord format and fail
@@ -287,7 +289,7 @@ class TfdsSource:
     except (KeyError, FileNotFoundError, AssertionError) as e:
       raise _not_prepared(name, split, data_dir, e) from e
     except ValueError as e:
-      raise ValueError(f'split {split!r} of TFDS dataset {name!r}: {e}') from e
+      raise DataError(f'split {split!r} of TFDS dataset {name!r}: {e}') from e
     base = name.split('/')[0]
     self.binary = base == 'binarized_mnist'  # stored as {0, 1}
     self.crop_box = CELEBA_CROP_BOX if base == 'celeb_a' else None
@@ -312,7 +314,7 @@ class TfdsSource:
     for i, ex in zip(indices, self._examples(indices)):
       img = np.asarray(ex['image'])
       if img.dtype != np.uint8 or img.ndim != 3:
-        raise ValueError(f'{self.description} example {int(i)}: expected a uint8 [H, W, C] image, '
+        raise DataError(f'{self.description} example {int(i)}: expected a uint8 [H, W, C] image, '
                          f'found {img.dtype} {img.shape}')
       out.append(np.where(img > 0, np.uint8(255), np.uint8(0)) if self.binary else img)
     return out
@@ -348,6 +350,6 @@ def native_shape(data: Any) -> tuple[int | None, int | None, int | None]:
 
 def _need_dir(data: Any) -> str:
   if not data.data_dir:
-    raise ValueError(f"data.data_dir is empty; data.name={data.name!r} needs it "
+    raise DataError(f"data.data_dir is empty; data.name={data.name!r} needs it "
                      '(the image folder or the .npz path)')
   return data.data_dir

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from nvae_jax import errors
 from nvae_jax.config import validation as config_validation
 from nvae_jax.models.base import build_task
 from nvae_jax.train import checkpoint as ckpt_lib
@@ -39,10 +40,20 @@ def build(config, task=None) -> Run:
   """Validates ``config`` (before any compilation) and builds the task, mesh and optimizer."""
   config_validation.validate(config, num_devices=jax.device_count(),
                              num_processes=jax.process_count())
-  task = build_task(config) if task is None else task
+  task = _build_task(config) if task is None else task
   mesh = step_lib.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
   return Run(config=config, task=task, mesh=mesh, tx=tx, schedule=schedule)
+
+
+def _build_task(config):
+  """``build_task`` with the model family's own config checks reported as config errors."""
+  try:
+    return build_task(config)
+  except errors.NvaeJaxError:
+    raise
+  except ValueError as e:  # 'model.<field>: expected ..., got ...' from the family's constructor
+    raise errors.ConfigError(str(e)) from e
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -61,8 +72,44 @@ def batch_spec(image_shape, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
           'mask': jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
 
 
+def image_size_multiple(model_config) -> tuple[int, str]:
+  """``(m, why)``: the image height and width must be multiples of ``m`` for this model family.
+
+  NVAE halves the resolution in each pre-processing block and between latent scales, so
+  ``m = 2^(num_preprocess_blocks + num_latent_scales - 1)``; a multi-scale flow (``glow``)
+  squeezes once per level, ``m = 2^num_levels``; other families: 1.
+  """
+  name = model_config.get('name')
+  if name == 'nvae':
+    pre, scales = model_config.get('num_preprocess_blocks'), model_config.get('num_latent_scales')
+    if isinstance(pre, int) and isinstance(scales, int) and pre >= 0 and scales >= 1:
+      return 2 ** (pre + scales - 1), (f'2^(model.num_preprocess_blocks={pre} + '
+                                       f'model.num_latent_scales={scales} - 1)')
+  if name == 'glow':
+    levels = model_config.get('num_levels')
+    if isinstance(levels, int) and levels >= 0:
+      return 2 ** levels, f'2^model.num_levels={levels} (one squeeze per level)'
+  return 1, ''
+
+
+def check_image_shape(config, image_shape) -> None:
+  """Raises :class:`~nvae_jax.errors.ConfigError` if the model cannot take ``image_shape``."""
+  m, why = image_size_multiple(config.model)
+  h, w = int(image_shape[0]), int(image_shape[1])
+  if h % m or w % m:
+    pad = int(config.data.get('pad', 0) or 0)
+    padded = f' including data.pad={pad} on each side' if pad else ''
+    raise errors.ConfigError(
+        f'data.image_size: expected the image height and width{padded} to be multiples of {m} '
+        f'= {why}; found images of {h}x{w} (data.image_size={config.data.image_size})')
+
+
 def abstract_state(run: Run, spec) -> tuple[Any, Any]:
-  """``(abstract train state with shardings, shardings)`` for batches like ``spec`` (no compile)."""
+  """``(abstract train state with shardings, shardings)`` for batches like ``spec`` (no compile).
+
+  Checks first that the model can take the images (:func:`check_image_shape`).
+  """
+  check_image_shape(run.config, spec['image'].shape[1:])
   init = functools.partial(state_lib.init_train_state, run.task, run.tx, run.config.seed)
   shapes = jax.eval_shape(init, spec)
   shardings = step_lib.state_shardings(shapes, run.mesh)
@@ -106,8 +153,9 @@ def describe(config, task=None) -> dict[str, Any]:
   """Shapes and parameter count of the model of ``config``, via ``jax.eval_shape`` (no compile)."""
   from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
   config_validation.validate(config)
-  task = build_task(config) if task is None else task
+  task = _build_task(config) if task is None else task
   shape = image_shape(config.data)
+  check_image_shape(config, shape)
   spec = batch_spec(shape, 1)
   variables = jax.eval_shape(task.init, state_lib.stream_key(config.seed, state_lib.INIT_STREAM),
                              spec)
