@@ -320,7 +320,7 @@ def test_preempted_exit_status(long_reference, tmp_path):
 
 
 def test_sigkill_at_random_steps_then_resume(long_reference, tmp_path):
-  """Fault injection: 3 SIGKILLs at random steps (some during async checkpoint writes)."""
+  """Fault injection: 3 SIGKILLs at random steps (one may land during an async checkpoint write)."""
   workdir = str(tmp_path)
   rng = random.Random(8)
   kills = sorted(rng.sample(range(3, LONG_STEPS - 2), 3))
