@@ -4,6 +4,9 @@ r"""The command line: ``nvae-jax`` / ``python -m nvae_jax.main``.
   nvae-jax --config=configs/nvae_mnist.py:small --workdir=W --config.train.num_steps=100
   nvae-jax --config=... --workdir=W --mode=eval       # one JSON line: nats/image, bits/dim
   nvae-jax --config=... --workdir=W --mode=sample --config.sample.temperature=0.7
+      [--config.sample.output_temperature=1.0 --config.sample.output_mode=auto|sample|mean
+       --config.sample.readjust_bn_steps=500 --config.sample.readjust_bn_batch=16
+       --config.sample.readjust_bn_momentum=0.05]   # output_* and readjust_bn_*: NVAE
   nvae-jax --config=... --mode=describe               # one JSON line: parameters and shapes
 
 ``--config`` is an ml_collections config file ``path.py[:arg]`` (default: the offline quickstart);

@@ -132,7 +132,7 @@ def test_sample(built):
 
 def test_describe_matches_the_latents():
   task = build_task(make_config('reverse'))
-  d = task.describe()
+  d = task.describe((H, W, C))
   assert d['inputs'] == d['outputs'] == (H, W, C)
   assert d['latents'] == [(4, 4, 2), (2, 2, 8)]
   assert sum(math.prod(s) for s in d['latents']) == D

@@ -105,7 +105,7 @@ def _record_bn_inputs(task, v, rngs):
   @jax.jit
   def run(rng):
     with nn.intercept_methods(interceptor):
-      _, upd = model.apply(v, BATCH, T, True, rngs={'sample': rng}, method=NVAE.sample,
+      _, upd = model.apply(v, BATCH, T, True, rngs={'sample': rng}, method=NVAE.sample_logits,
                            mutable=['batch_stats', 'intermediates'])
     return upd['intermediates']
 
@@ -167,7 +167,7 @@ def test_samples_after_reestimation_are_finite_in_unit_interval(setup, sample_fn
   stats, _ = ns.reestimate_bn(task, v, jax.random.key(2), T, steps=4, batch=BATCH)
   v2 = dict(v, batch_stats=stats)
   for output in ('sample', 'mean'):
-    sampler = ns.make_sampler(task, v2, 4, temperature=T, output=output, sample_fn=sample_fn)
+    sampler = ns.make_temperature_sampler(task, v2, 4, temperature=T, output=output, sample_fn=sample_fn)
     x = np.asarray(sampler(v2, jax.random.key(3)))
     assert x.shape == (4, 16, 16, 3)
     assert np.all(np.isfinite(x)) and x.min() >= 0.0 and x.max() <= 1.0
@@ -176,7 +176,7 @@ def test_samples_after_reestimation_are_finite_in_unit_interval(setup, sample_fn
 def test_temperatures(setup, sample_fn):
   task, v, _ = setup
   k1, k2 = jax.random.key(10), jax.random.key(11)
-  make = lambda **kw: ns.make_sampler(task, v, 4, sample_fn=sample_fn, **kw)  # noqa: E731
+  make = lambda **kw: ns.make_temperature_sampler(task, v, 4, sample_fn=sample_fn, **kw)  # noqa: E731
   # Latent t = 0 and the output mean: z is the prior mean path, the same for every rng.
   det = make(temperature=0.0, output='mean')
   np.testing.assert_allclose(det(v, k1), det(v, k2), atol=1e-6)
@@ -194,9 +194,9 @@ def test_temperatures(setup, sample_fn):
     spread.append(np.mean(np.abs(np.asarray(s(v, k1)) - base)))
   assert 0 < spread[0] < spread[1]
   with pytest.raises(ValueError, match='output_temperature'):
-    ns.make_sampler(task, v, 4, output_temperature=-1.0)
+    ns.make_temperature_sampler(task, v, 4, output_temperature=-1.0)
   with pytest.raises(ValueError, match='output'):
-    ns.make_sampler(task, v, 4, output='median')
+    ns.make_temperature_sampler(task, v, 4, output='median')
 
 
 def test_cache_reuse_and_invalidation(setup, tmp_path):
@@ -240,9 +240,9 @@ def test_encode_and_reconstruct(setup, encoder):
                                          encoder=encoder)[0]) for i in range(k)])
   sem = draws.std(0) / np.sqrt(k)
   assert np.all(np.abs(draws.mean(0) - np.asarray(z[0])) < 5 * sem + 1e-6)
-  r = np.asarray(ns.reconstruct(task, v, x, encoder=encoder))
+  r = np.asarray(ns.encode_decode(task, v, x, encoder=encoder))
   assert r.shape == x.shape and r.min() >= 0 and r.max() <= 1
-  r_noisy = np.asarray(ns.reconstruct(task, v, x, rng=jax.random.key(8), encoder=encoder))
+  r_noisy = np.asarray(ns.encode_decode(task, v, x, rng=jax.random.key(8), encoder=encoder))
   assert np.any(r_noisy != r)
 
 
@@ -274,3 +274,36 @@ def test_prepare_sampling_hook_uses_the_cache(setup, tmp_path):
     assert task.prepare_sampling(v, jax.random.key(4), T, d) is v  # 0 steps: training stats
   finally:
     task.config.sample.readjust_bn_steps, task.config.sample.readjust_bn_batch = steps, batch
+
+
+def test_task_sample_follows_the_config_sample_options(setup, sample_fn):
+  """``--mode=sample`` goes through ``task.sample``: its output temperature and mode come from
+  ``config.sample.output_temperature`` / ``output_mode`` (the options of the removed sampling
+  command line), matching the stand-alone temperature sampler draw for draw."""
+  _, v, _ = setup
+  rng = jax.random.key(21)
+  for mode, tx in (('sample', 0.3), ('mean', 1.0)):
+    c = tiny_config()
+    c.sample.output_mode, c.sample.output_temperature = mode, tx
+    task = build_task(c)
+    got = np.asarray(jax.jit(lambda v, r: task.sample(v, r, 4, T))(v, rng))  # noqa: B023
+    want = np.asarray(ns.make_temperature_sampler(task, v, 4, temperature=T, output_temperature=tx,
+                                                  output=mode, sample_fn=sample_fn)(v, rng))
+    np.testing.assert_allclose(np.clip(got, 0, 1), want, atol=1e-5)
+  c = tiny_config()
+  c.sample.output_mode = 'median'
+  with pytest.raises(ValueError, match='sample.output_mode'):
+    build_task(c)
+
+
+def test_prepare_sampling_momentum_from_the_config(setup, tmp_path):
+  """``sample.readjust_bn_momentum = 0`` is the plain average of the passes (momentum None)."""
+  _, v, _ = setup
+  c = tiny_config()
+  c.sample.readjust_bn_steps, c.sample.readjust_bn_batch = 2, BATCH
+  c.sample.readjust_bn_momentum = 0.0
+  task = build_task(c)
+  prepared = task.prepare_sampling(v, jax.random.key(4), T, str(tmp_path / 'a'))
+  expected, _ = ns.reestimate_bn(task, v, jax.random.key(4), T, steps=2, batch=BATCH,
+                                 momentum=None)
+  jax.tree.map(np.testing.assert_array_equal, prepared['batch_stats'], expected)

@@ -26,9 +26,12 @@ Field reference (the platform validates these before any compilation):
   ``nothing_saveable`` / ``dots_saveable``).
 * ``mesh``: ``data`` (devices on the data axis, -1 = all), ``fsdp`` (1 = replicated parameters).
 * ``eval``: ``split``, ``num_importance_samples``, ``importance_chunk``.
-* ``sample``: ``num``, ``temperature``, ``readjust_bn_steps`` / ``readjust_bn_batch`` (models
-  with a ``prepare_sampling`` hook, i.e. NVAE, re-estimate their decoder batch-norm statistics
-  at the sampling temperature from that many train-mode prior passes of that batch, cached in the
+* ``sample``: ``num``, ``temperature`` (of the latents), and for NVAE: ``output_temperature``
+  (of the output distribution's draw, >= 0), ``output_mode`` (``auto``: the mean for a Bernoulli
+  decoder and a draw otherwise, ``sample``, ``mean``), ``readjust_bn_steps`` /
+  ``readjust_bn_batch`` / ``readjust_bn_momentum`` (NVAE's ``prepare_sampling`` hook re-estimates
+  the decoder batch-norm statistics at the sampling temperature from that many train-mode prior
+  passes of that batch, as an EMA with that momentum, 0 = a plain average; cached in the
   workdir; 0 steps = use the training statistics).
 """
 
@@ -41,6 +44,7 @@ OPTIMIZERS = ('adam', 'adamax', 'adamw')
 SCHEDULES = ('cosine', 'constant')
 WEIGHT_DECAY_MODES = ('coupled', 'decoupled')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+SAMPLE_OUTPUT_MODES = ('auto', 'sample', 'mean')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.eval = ml_collections.ConfigDict(dict(split='test', num_importance_samples=1,
                                           importance_chunk=1))
-  c.sample = ml_collections.ConfigDict(dict(num=64, temperature=1.0, readjust_bn_steps=500,
-                                            readjust_bn_batch=16))
+  c.sample = ml_collections.ConfigDict(dict(
+      num=64, temperature=1.0, output_temperature=1.0, output_mode='auto',
+      readjust_bn_steps=500, readjust_bn_batch=16, readjust_bn_momentum=0.05))
   return c

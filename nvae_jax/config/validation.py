@@ -153,3 +153,10 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
     _fail('sample.temperature', 'a positive temperature', config.sample.temperature)
   _at_least('sample.readjust_bn_steps', config.sample.readjust_bn_steps, 0, 'an int >= 0')
   _at_least('sample.readjust_bn_batch', config.sample.readjust_bn_batch, 2, 'an int >= 2')
+  if not 0 <= config.sample.output_temperature < float('inf'):
+    _fail('sample.output_temperature', 'a finite temperature >= 0',
+          config.sample.output_temperature)
+  _enum('sample.output_mode', config.sample.output_mode, schema.SAMPLE_OUTPUT_MODES)
+  if not 0 <= config.sample.readjust_bn_momentum <= 1:
+    _fail('sample.readjust_bn_momentum', 'a value in [0, 1] (0 = a plain average)',
+          config.sample.readjust_bn_momentum)

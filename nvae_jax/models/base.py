@@ -17,13 +17,24 @@ Conventions
 * Losses are sums over one example's dimensions, averaged over the batch, in nats.
 * ``evaluate`` returns per-example negative log-likelihoods in nats of the *discrete* data (for
   flows this includes the dequantisation bin-width term), plus ``continuous=True`` in
-  ``describe()['likelihood']`` when the density is continuous and bits/dim is not a discrete
-  likelihood.
+  ``describe(image_shape)['likelihood']`` when the density is continuous and bits/dim is not a
+  discrete likelihood.
+* Models receive their input shape: from the batch in ``init``/``loss``/``evaluate``, and from the
+  platform in ``describe(image_shape)`` and ``num_dims(image_shape)``; no model reads the data
+  config or imports ``nvae_jax.data``.
+* ``num_dims(image_shape)`` is the number of dimensions D the likelihood covers (all H W C unless
+  the model scores a crop, e.g. NVAE's central 28x28 of 2-pixel-padded MNIST: D = 784), and the
+  platform reports bits/dim = nats / (D ln 2).
+* A metric named ``nelbo`` is the negative ELBO in nats, in every model.
+
+Model families subclass :class:`ModelTaskBase`, which gives the optional parts of the protocol
+their defaults (``num_dims`` = H W C, ``prepare_sampling`` a no-op).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+import math
+from typing import Any, Mapping, Protocol, Sequence
 
 import jax
 
@@ -46,7 +57,7 @@ class ModelTask(Protocol):
     """Training objective.
 
     Returns ``(loss, (metrics, new_state))``: ``loss`` is a float32 scalar to minimise,
-    ``metrics`` a dict of float32 scalars to log (e.g. ``recon``, ``kl``, ``elbo``), and
+    ``metrics`` a dict of float32 scalars to log (e.g. ``recon``, ``kl``, ``nelbo``), and
     ``new_state`` the updated non-parameter collections (same structure as in ``variables``).
     ``step`` is the global training step (for KL warm-up and other schedules).
     """
@@ -64,13 +75,36 @@ class ModelTask(Protocol):
   def reconstruct(self, variables: Variables, batch: Batch, rng: jax.Array) -> jax.Array:
     """Returns reconstructions of ``batch['image']``, float32 in ``[0, 1]``."""
 
-  # Optional: ``prepare_sampling(variables, rng, temperature, cache_dir) -> variables``, called
-  # before sampling from a checkpoint (NVAE re-estimates its decoder batch-norm statistics at the
-  # sampling temperature there, cached under ``cache_dir``).
+  def prepare_sampling(self, variables: Variables, rng: jax.Array, temperature: float,
+                       cache_dir: str) -> Variables:
+    """Optional (default: returns ``variables``): called before sampling from a checkpoint at
+    ``temperature``; returns the variables to sample with.  NVAE re-estimates its decoder
+    batch-norm statistics at the sampling temperature here, cached under ``cache_dir``."""
 
-  def describe(self) -> dict[str, Any]:
-    """Static description: ``{'inputs': shape, 'latents': [...], 'outputs': shape,
-    'likelihood': {'name': str, 'continuous': bool}}`` (shapes per example)."""
+  def num_dims(self, image_shape: Sequence[int]) -> int:
+    """Optional (default: H W C): the number of dimensions the likelihood covers for inputs of
+    ``image_shape``, the denominator of bits/dim."""
+
+  def describe(self, image_shape: Sequence[int] | None = None) -> dict[str, Any]:
+    """Static description for inputs of ``image_shape`` (default: the shape ``init`` saw):
+    ``{'inputs': shape, 'latents': [...], 'outputs': shape, 'likelihood': {'name': str,
+    'continuous': bool}}`` (shapes per example)."""
+
+
+class ModelTaskBase:
+  """The defaults of the optional parts of :class:`ModelTask`; model families subclass it."""
+
+  mutable_collections: tuple[str, ...] = ()
+
+  def prepare_sampling(self, variables: Variables, rng: jax.Array, temperature: float,
+                       cache_dir: str) -> Variables:
+    """No preparation: sample with the variables as they are."""
+    del rng, temperature, cache_dir
+    return variables
+
+  def num_dims(self, image_shape: Sequence[int]) -> int:
+    """D = H W C: the likelihood covers every pixel and channel."""
+    return int(math.prod(int(s) for s in image_shape))
 
 
 _REGISTRY: dict[str, Any] = {}

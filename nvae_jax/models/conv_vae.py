@@ -53,7 +53,7 @@ import jax.numpy as jnp
 
 from nvae_jax import distributions as dists
 from nvae_jax import policy
-from nvae_jax.models.base import register
+from nvae_jax.models.base import ModelTaskBase, register
 
 MODEL_DEFAULTS = dict(
     decoder='gaussian_optimal', latent_dim=20, beta=1.0, channels=(32, 64, 128),
@@ -145,7 +145,7 @@ def _model_field(m, name):
 
 
 @register('conv_vae')
-class ConvVAETask:
+class ConvVAETask(ModelTaskBase):
   """ModelTask of the sigma-VAE conv VAE (see the module docstring)."""
 
   def __init__(self, config):
@@ -231,11 +231,12 @@ class ConvVAETask:
   # ------------------------------------------------------------------------------------------
 
   def image_shape(self) -> tuple[int, int, int]:
-    """(H, W, C): from the batch seen by ``init``, else from ``config.data``."""
-    if self._image_shape is not None:
-      return self._image_shape
-    from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
-    return tuple(int(s) for s in image_shape(self._config.data))
+    """(H, W, C): from the batch seen by ``init`` (the platform passes shapes, models do not read
+    the data config)."""
+    if self._image_shape is None:
+      raise ValueError('conv_vae: the input shape is unknown; call init first (or pass '
+                       'image_shape to describe)')
+    return self._image_shape
 
   def _module(self, shape) -> ConvVAE:
     h, w, c = shape
@@ -314,8 +315,8 @@ class ConvVAETask:
     net_out = module.apply(variables, mu, method=ConvVAE.decode)
     return module.apply(variables, net_out, rng, 1.0, self.sample_output, method=ConvVAE.output)
 
-  def describe(self):
-    h, w, c = self.image_shape()
+  def describe(self, image_shape=None):
+    h, w, c = self.image_shape() if image_shape is None else (int(s) for s in image_shape)
     return {
         'inputs': (h, w, c), 'latents': [(self.latent_dim,)],
         'outputs': (h, w, self.likelihood.num_channels(c)),

@@ -45,7 +45,7 @@ from nvae_jax.flows.coupling import AdditiveCoupling, AffineCoupling, accum_dtyp
 from nvae_jax.flows.permutations import Reverse, Shuffle
 from nvae_jax.flows.split import Split, standard_normal_logprob
 from nvae_jax.flows.squeeze import squeeze2d, unsqueeze2d
-from nvae_jax.models.base import register
+from nvae_jax.models.base import ModelTaskBase, register
 
 PERMUTATIONS = ('reverse', 'shuffle', 'conv1x1', 'plu', 'qr', 'emerging', 'periodic')
 COUPLINGS = ('affine', 'additive')
@@ -230,7 +230,7 @@ def _check_choice(value, field: str, choices: Sequence[str]) -> str:
 
 
 @register('glow')
-class GlowTask:
+class GlowTask(ModelTaskBase):
   """The :class:`nvae_jax.models.base.ModelTask` of the multi-scale flow (module docstring).
 
   ``config.model`` fields: ``num_levels``, ``num_steps``, ``hidden_channels``, ``permutation``
@@ -277,17 +277,17 @@ class GlowTask:
         dtype=policy.compute_dtype(config.precision.compute_dtype),
         remat_policy=config.remat.policy)
     policy.checkpoint_policy(config.remat.policy)  # validate the name now, not at trace time
+    self._input_shape = None  # set by init from the batch
 
   # -- shapes -----------------------------------------------------------------------------------
 
   def image_shape(self) -> tuple[int, int, int]:
-    """(H, W, C) of the model's images: ``config.data.image_size`` square when set (no data
-    access), else the data pipeline's native size plus padding."""
-    d = self.config.data
-    if d.image_size:
-      return (d.image_size, d.image_size, d.channels)
-    from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
-    return tuple(int(s) for s in image_shape(d))
+    """(H, W, C) of the model's images, as seen by ``init`` (the model does not read the data
+    config: the platform's ``init`` call, or ``describe(image_shape)``, gives it)."""
+    if self._input_shape is None:
+      raise ValueError('glow: the input shape is unknown; call init first (or pass image_shape '
+                       'to describe)')
+    return self._input_shape
 
   def _check_batch(self, x: jax.Array) -> None:
     if x.ndim != 4:
@@ -324,6 +324,7 @@ class GlowTask:
   def init(self, rng, batch):
     x = batch['image']
     self._check_batch(x)
+    self._input_shape = tuple(int(s) for s in x.shape[1:])
     params_rng, noise_rng = jax.random.split(rng)
     x_cont = dq.dequantize(x, self._noise(noise_rng, x), self.num_bits)
     y, _ = dq.preprocess(x_cont, self.preprocess, self.alpha)
@@ -369,8 +370,8 @@ class GlowTask:
     x_cont = self._decode(variables, eps, 1.0)
     return jnp.clip(dq.undo_dequantize(x_cont, u, self.num_bits), 0.0, 1.0).astype(jnp.float32)
 
-  def describe(self):
-    shape = self.image_shape()
+  def describe(self, image_shape=None):
+    shape = self.image_shape() if image_shape is None else tuple(int(s) for s in image_shape)
     return {'inputs': shape, 'outputs': shape,
             'latents': latent_shapes(shape, self.num_levels),
             'likelihood': {'name': f'flow_uniform_dequantization_{self.num_bits}bit',

@@ -160,13 +160,13 @@ def describe(config, task=None) -> dict[str, Any]:
   variables = jax.eval_shape(task.init, state_lib.stream_key(config.seed, state_lib.INIT_STREAM),
                              spec)
   params = variables['params']
-  info = dict(task.describe())
+  info = dict(task.describe(tuple(shape)))
   out = dict(model=config.model.name, num_params=state_lib.num_params(params),
              param_bytes=int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
                                  for x in jax.tree.leaves(params))),
              collections={k: state_lib.num_params(v) for k, v in variables.items()
                           if k != 'params'},
-             image_shape=list(shape))
+             image_shape=list(shape), num_dims=int(task.num_dims(tuple(shape))))
   for key in ('inputs', 'latents', 'outputs', 'likelihood'):
     out[key] = _jsonable(info.get(key))
   for key, value in info.items():

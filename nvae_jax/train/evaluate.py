@@ -1,14 +1,17 @@
 """Likelihood evaluation over a split: the one place that turns nats into reported numbers.
 
 A task's ``evaluate`` returns per-example negative log-likelihoods ``nll_i`` in nats (of the
-discrete data, or of a density when ``describe()['likelihood']['continuous']``).  Over a split with
-padding mask ``m_i`` in {0, 1} (the eval pipeline pads its last batch with ``m_i = 0``)::
+discrete data, or of a density when ``describe(shape)['likelihood']['continuous']``).  Over a
+split with padding mask ``m_i`` in {0, 1} (the eval pipeline pads its last batch with
+``m_i = 0``)::
 
   nats_per_image = sum_i m_i * nll_i / sum_i m_i
-  bits_per_dim   = nats_per_image / (ln 2 * H * W * C)
+  bits_per_dim   = nats_per_image / (ln 2 * D)
 
-Every other per-example [B] output of ``evaluate`` (e.g. ``elbo``) is averaged the same way and
-reported as ``<name>_per_image``.  Sums are taken per batch in float32 on the devices and
+where D = ``task.num_dims(image_shape)`` is the number of dimensions the likelihood covers
+(H W C, or e.g. 28 * 28 = 784 for NVAE on 2-pixel-padded MNIST, whose likelihood skips the
+padding).  Every other per-example [B] output of ``evaluate`` (e.g. ``nelbo``) is averaged the
+same way and reported as ``<name>_per_image``.  Sums are taken per batch in float32 on the devices and
 accumulated over batches in float64 on the host.
 """
 
@@ -24,11 +27,14 @@ from nvae_jax.distributions import units
 from nvae_jax.train import step as step_lib
 
 
-def bits_per_dim(nats_per_image: float, image_shape: tuple[int, int, int]) -> float:
-  """``nats / (ln 2 * H * W * C)`` for one image of shape ``(H, W, C)``."""
-  if len(image_shape) != 3:
+def likelihood_info(task, image_shape) -> dict[str, Any]:
+  """``{'continuous': bool, 'num_dims': D}`` of ``task``'s likelihood for inputs of
+  ``image_shape`` (what the reports need next to the numbers)."""
+  if len(tuple(image_shape)) != 3:
     raise ValueError(f'image_shape: expected (H, W, C), found {tuple(image_shape)}')
-  return float(units.bits_per_dim(float(nats_per_image), int(np.prod(image_shape))))
+  info = task.describe(tuple(image_shape)).get('likelihood', {})
+  return dict(continuous=bool(info.get('continuous', False)),
+              num_dims=int(task.num_dims(tuple(image_shape))))
 
 
 def make_eval_step(task, mesh, variables_sharding) -> Callable:
@@ -61,13 +67,13 @@ def make_eval_step(task, mesh, variables_sharding) -> Callable:
 
 
 def evaluate_split(eval_step: Callable, variables, batches: Iterator[dict[str, np.ndarray]],
-                   mesh, rng: jax.Array, *, image_shape: tuple[int, int, int],
-                   continuous: bool, num_batches: int | None = None,
-                   split: str = '') -> dict[str, Any]:
+                   mesh, rng: jax.Array, *, num_dims: int, continuous: bool,
+                   num_batches: int | None = None, split: str = '') -> dict[str, Any]:
   """Runs ``eval_step`` over ``batches`` (at most ``num_batches``) and returns the report.
 
-  Keys: ``split``, ``num_examples``, ``nats_per_image``, ``bits_per_dim``, ``continuous``,
-  plus ``<name>_per_image`` for every other per-example output of the task.
+  ``num_dims``: the dimensions the likelihood covers (``task.num_dims(image_shape)``).
+  Keys: ``split``, ``num_examples``, ``nats_per_image``, ``bits_per_dim``, ``num_dims``,
+  ``continuous``, plus ``<name>_per_image`` for every other per-example output of the task.
   """
   totals: dict[str, float] = {}
   count = 0.0
@@ -86,7 +92,8 @@ def evaluate_split(eval_step: Callable, variables, batches: Iterator[dict[str, n
                      'pipeline was empty)')
   nats = totals.pop('nll') / count
   report = dict(split=split, num_examples=int(round(count)), nats_per_image=nats,
-                bits_per_dim=bits_per_dim(nats, image_shape), continuous=bool(continuous))
+                bits_per_dim=float(units.bits_per_dim(nats, int(num_dims))),
+                num_dims=int(num_dims), continuous=bool(continuous))
   for k, v in sorted(totals.items()):
     report[f'{k}_per_image'] = v / count
   return report
@@ -96,7 +103,7 @@ def evaluate_checkpoint(config, workdir: str, *, task=None, pipeline_fn=None) ->
   """``--mode=eval``: the latest checkpoint of ``workdir`` over the whole ``config.eval.split``.
 
   Returns ``{'split', 'nats_per_image', 'bits_per_dim', 'num_examples', 'step', 'continuous',
-  ...}`` (see :func:`evaluate_split`).
+  'num_bits', 'num_dims', ...}`` (see :func:`evaluate_split`).
   """
   # pylint: disable=import-outside-toplevel
   from nvae_jax.train import build
@@ -109,11 +116,9 @@ def evaluate_checkpoint(config, workdir: str, *, task=None, pipeline_fn=None) ->
   state, _, step, shardings = build.restore_latest(run, workdir, pipe.image_shape,
                                                    config.data.batch_size)
   eval_step = make_eval_step(run.task, run.mesh, build.variables_sharding(shardings))
-  continuous = bool(run.task.describe().get('likelihood', {}).get('continuous', False))
   report = evaluate_split(eval_step, state_lib.variables_of(state), pipe, run.mesh,
                           state_lib.stream_key(config.seed, state_lib.EVAL_STREAM),
-                          image_shape=pipe.image_shape, continuous=continuous,
-                          split=config.eval.split)
+                          split=config.eval.split, **likelihood_info(run.task, pipe.image_shape))
   out = {k: report[k] for k in ('split', 'nats_per_image', 'bits_per_dim', 'num_examples')}
   out.update(step=int(step), continuous=report['continuous'], num_bits=int(config.data.num_bits))
   out.update({k: v for k, v in report.items() if k not in out})

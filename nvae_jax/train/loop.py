@@ -259,7 +259,8 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
                           in_shardings=(var_sharding, step_lib.batch_sharding(run.mesh),
                                         step_lib.replicated(run.mesh)),
                           out_shardings=step_lib.replicated(run.mesh))
-  continuous = bool(run.task.describe().get('likelihood', {}).get('continuous', False))
+  likelihood = eval_lib.likelihood_info(run.task, image_shape)  # continuous, num_dims
+  continuous = likelihood['continuous']
   eval_key = state_lib.stream_key(c.seed, state_lib.EVAL_STREAM)
   sample_key = state_lib.stream_key(c.seed, state_lib.SAMPLE_STREAM)
   recon_batch = None
@@ -270,8 +271,7 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
     pipe = make_pipe(c.data.eval_split, False)
     report = eval_lib.evaluate_split(
         eval_step, state_lib.variables_of(state), pipe, run.mesh, eval_key,
-        image_shape=image_shape, continuous=continuous,
-        num_batches=c.train.num_eval_batches or None, split=c.data.eval_split)
+        num_batches=c.train.num_eval_batches or None, split=c.data.eval_split, **likelihood)
     writer.write(step, 'eval', {k: v for k, v in report.items() if k != 'split'})
     writer.print(f'eval at step {step} on {report["num_examples"]} {c.data.eval_split} examples: '
                  f'{report["nats_per_image"]:.3f} nats/image, {report["bits_per_dim"]:.4f} '

@@ -109,7 +109,9 @@ def pair_rows(originals: np.ndarray, recons: np.ndarray, cols: int | None = None
 
 def sample_checkpoint(config, workdir: str, *, output: str = '', task=None) -> dict:
   """``--mode=sample``: a grid of ``config.sample.num`` samples at ``config.sample.temperature``
-  from the latest checkpoint, written to ``output`` (default
+  from the latest checkpoint (after the task's ``prepare_sampling`` hook; the task reads its
+  other ``config.sample.*`` options, e.g. NVAE's output temperature and mode), written to
+  ``output`` (default
   ``<workdir>/samples_T<temperature>_step<N>.png``).  Returns ``{'path', 'num', 'temperature',
   'step'}``."""
   # pylint: disable=import-outside-toplevel
@@ -124,10 +126,10 @@ def sample_checkpoint(config, workdir: str, *, output: str = '', task=None) -> d
                          temperature)
   variables = state_lib.variables_of(state)
   rng = state_lib.stream_key(config.seed, state_lib.SAMPLE_STREAM)
-  prepare = getattr(run.task, 'prepare_sampling', None)
-  if prepare is not None:  # e.g. NVAE's batch-norm re-estimation at this temperature
-    variables = prepare(variables, jax.random.fold_in(rng, 1), temperature,
-                        os.path.join(workdir, 'bn_stats', f'step{step}'))
+  # The ModelTask hook (a no-op by default): NVAE re-estimates its decoder batch-norm statistics
+  # at this temperature, with config.sample.readjust_bn_*.
+  variables = run.task.prepare_sampling(variables, jax.random.fold_in(rng, 1), temperature,
+                                        os.path.join(workdir, 'bn_stats', f'step{step}'))
   images = step_lib.to_host(sampler(variables, rng))
   path = output or os.path.join(workdir, f'samples_T{temperature:g}_step{step}.png')
   if jax.process_index() == 0:

@@ -9,8 +9,8 @@ exercised) and a Bernoulli decoder, on images ``[B, H, W, C]`` in ``[0, 1]`` (H,
   loss     = E_q[-log Bernoulli(x | logits)] + KL(N(mu, sigma^2) || N(0, 1)),  one sample of z
 
 ``evaluate`` returns the single-sample negative ELBO as ``nll`` (an upper bound, good enough for
-platform tests).  Registered as the model name ``tiny_test_vae``; the image side is
-``config.data.image_size`` (8 when 0).
+platform tests).  Registered as the model name ``tiny_test_vae``; the image side is the one
+``init`` saw (before ``init``: ``config.data.image_size``, 8 when 0).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nvae_jax.models.base import register
+from nvae_jax.models.base import ModelTaskBase, register
 
 
 class _Net(nn.Module):
@@ -58,7 +58,7 @@ def _kl(mu, log_sigma):
 
 
 @register('tiny_test_vae')
-class TinyVAETask:
+class TinyVAETask(ModelTaskBase):
   """ModelTask of the tiny VAE; ``config.model`` may set ``features`` and ``latent``."""
 
   mutable_collections = ('batch_stats',)
@@ -78,6 +78,7 @@ class TinyVAETask:
 
   def init(self, rng, batch):
     x = batch['image']
+    self._hw = tuple(int(s) for s in x.shape[1:3])
     return self.net.init(rng, x, jnp.zeros(self._noise_shape(x)), train=False)
 
   def _elbo_terms(self, variables, x, rng, train):
@@ -111,8 +112,8 @@ class TinyVAETask:
     mu, _ = self.net.apply(variables, batch['image'], False, method=_Net.encode)
     return jax.nn.sigmoid(self.net.apply(variables, mu, method=_Net.decode))
 
-  def describe(self):
-    h, w = self._hw
+  def describe(self, image_shape=None):
+    h, w = self._hw if image_shape is None else tuple(int(s) for s in image_shape[:2])
     return {'inputs': (h, w, self.channels), 'latents': [(h // 2, w // 2, self.latent)],
             'outputs': (h, w, self.channels),
             'likelihood': {'name': 'bernoulli', 'continuous': False}}

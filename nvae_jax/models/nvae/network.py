@@ -248,9 +248,10 @@ class NVAE(nn.Module):
     return dict(net_out=net_out, recon=recon, log_q=log_q, log_p=log_p,
                 kl_all=jnp.stack(kl_all, axis=1), kl_diag=jnp.stack(kl_diag), z=zs)
 
-  def sample(self, num: int, temperature: float = 1.0, train: bool = False,
-             eps: Optional[Sequence[jax.Array]] = None) -> jax.Array:
-    """Decoder output ``net_out`` [num, H, W, K] for latents drawn from the prior at temperature t.
+  def sample_logits(self, num: int, temperature: float = 1.0, train: bool = False,
+                    eps: Optional[Sequence[jax.Array]] = None) -> jax.Array:
+    """The output distribution's parameters ("logits", ``net_out`` [num, H, W, K]) for latents
+    drawn from the prior at temperature t; ``output_sample``/``output_mean`` turn them into images.
 
     z_0 ~ N(0, (1.01 t)^2), z_d ~ N(mu_p, (sigma_p t)^2); no encoder and no flows.  With
     ``train=True`` batch norm uses (and, when mutable, updates) batch statistics, which is how

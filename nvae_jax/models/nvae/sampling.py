@@ -3,7 +3,7 @@ r"""NVAE sampling with temperatures, batch-norm re-estimation (cached), reconstr
 Temperatures. A sample is drawn in two stages, each with its own temperature:
 
 * latent temperature t: z_0 ~ N(0, (1.01 t)^2) and z_d ~ N(mu_p, (sigma_p t)^2) for d > 0,
-  where sigma_p includes the +0.01 floor (``NVAE.sample``);
+  where sigma_p includes the +0.01 floor (``NVAE.sample_logits``);
 * output temperature t_x: the output distribution's ``sample(net_out, rng, t_x)``; for the
   discretized logistic mixture the logistic noise is *multiplied* by t_x
   (x = mu + t_x s u, u ~ Logistic(0, 1)) and the mixture index is argmax(pi + t_x g), g ~ Gumbel;
@@ -36,18 +36,16 @@ match (the idea of the original's PR #18).
 Encoding (issue #15: use posterior means). ``encode`` runs the model in eval mode with zero
 reparameterisation noise, so each group's latent is its posterior mean given the means of the
 groups above it (after the flows, which are deterministic): z_d = mu_q,d(x, z_<d).
-``reconstruct`` decodes those latents (or posterior samples, given an rng) and returns the
-output distribution's mean.
+``encode_decode`` decodes those latents (or posterior samples, given an rng) and returns the
+output distribution's mean.  (``NVAETask.reconstruct``, the platform's reconstruction grid,
+decodes one posterior sample.)
 
-Command line (after training with ``nvae_jax.main``)::
-
-  python -m nvae_jax.models.nvae.sampling --config=configs/nvae_mnist.py:small --workdir=W \
-      --temperature=0.8 --num=64 [--readjust_steps=500 --readjust_batch=16] [--noreadjust]
-      [--output_temperature=1.0 --output_mode=auto|sample|mean]
-
-writes ``W/samples_t<t>.png`` (and the cache ``W/bn_stats/step<N>/bn_t<t>.npz``, the same one
-``--mode=sample`` of ``nvae_jax.main`` uses through ``NVAETask.prepare_sampling``). Unlike
-``--mode=sample`` it sets the output temperature and mode and the re-estimation momentum.
+From the command line, sampling is ``nvae-jax --mode=sample`` with the ``config.sample.*``
+options: ``temperature`` (latent), ``output_temperature``, ``output_mode`` (``OUTPUT_MODES``),
+``readjust_bn_steps``/``readjust_bn_batch``/``readjust_bn_momentum`` (0 steps: no
+re-estimation; momentum 0: a plain average); the platform calls ``NVAETask.prepare_sampling``
+(the re-estimation, cached as ``<workdir>/bn_stats/step<N>/bn_t<t>.npz``) and then
+``NVAETask.sample``.
 """
 
 from __future__ import annotations
@@ -63,15 +61,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from nvae_jax.config.schema import SAMPLE_OUTPUT_MODES as OUTPUT_MODES
 from nvae_jax.models.nvae.network import NVAE
-
-OUTPUT_MODES = ('auto', 'sample', 'mean')
 
 
 # ---------------------------------------------------------------------------------------------
 # The model pieces.
 
-def _image_shape(task, variables) -> tuple[int, int, int]:
+def image_shape_from_variables(task, variables) -> tuple[int, int, int]:
   """(H, W, C) of the model's inputs, read from the variables (``prior_ftr0`` and the stem)."""
   p = variables['params']
   h, w, _ = p['prior_ftr0'].shape
@@ -83,8 +80,16 @@ def _image_shape(task, variables) -> tuple[int, int, int]:
 
 def float32_model(task, variables):
   """The task's flax module for these variables, computing in float32."""
-  model = task.model(_image_shape(task, variables))
+  model = task.model(image_shape_from_variables(task, variables))
   return model.clone(dtype=jnp.float32) if model.dtype != jnp.float32 else model
+
+
+def use_output_mean(task, output: str) -> bool:
+  """Whether output mode ``output`` shows the output distribution's mean (``mean``, or ``auto``
+  with a Bernoulli decoder) rather than a draw (``sample``, or ``auto`` otherwise)."""
+  if output not in OUTPUT_MODES:
+    raise ValueError(f'sample.output_mode: expected one of {OUTPUT_MODES}, got {output!r}')
+  return output == 'mean' or (output == 'auto' and task.likelihood_name == 'bernoulli')
 
 
 def _check_temperature(name: str, t: float) -> float:
@@ -104,7 +109,7 @@ def _bn_pass_fn(model, batch: int) -> Callable:
   def one_pass(params, stats, rng, t):
     _, upd = model.apply({'params': params, 'batch_stats': stats}, int(batch),
                          jnp.asarray(t, jnp.float32), True, rngs={'sample': rng},
-                         method=NVAE.sample, mutable=['batch_stats'])
+                         method=NVAE.sample_logits, mutable=['batch_stats'])
     return upd['batch_stats']
 
   return jax.jit(one_pass)
@@ -269,7 +274,7 @@ def make_sample_fn(task, variables, num: int) -> Callable:
     v = {k: v[k] for k in ('params', 'batch_stats') if k in v}
     k_z, k_x = jax.random.split(rng)
     t = jnp.asarray(t, jnp.float32)
-    net_out = model.apply(v, int(num), t, False, rngs={'sample': k_z}, method=NVAE.sample)
+    net_out = model.apply(v, int(num), t, False, rngs={'sample': k_z}, method=NVAE.sample_logits)
     mean = model.apply(v, net_out, method=NVAE.output_mean)
     draw = model.apply(v, net_out, k_x, jnp.asarray(tx, jnp.float32),
                        method=NVAE.output_sample)
@@ -278,21 +283,20 @@ def make_sample_fn(task, variables, num: int) -> Callable:
   return jax.jit(sample)
 
 
-def make_sampler(task, variables, num: int, *, temperature: float = 1.0,
-                 output_temperature: float = 1.0, output: str = 'auto',
-                 sample_fn: Optional[Callable] = None) -> Callable:
-  """``(variables, rng) -> [num, H, W, C]`` images in [0, 1] (eval-mode BN).
+def make_temperature_sampler(task, variables, num: int, *, temperature: float = 1.0,
+                             output_temperature: float = 1.0, output: str = 'auto',
+                             sample_fn: Optional[Callable] = None) -> Callable:
+  """``(variables, rng) -> [num, H, W, C]`` images in [0, 1] (eval-mode BN, float32) at latent
+  temperature ``temperature`` and output temperature ``output_temperature``.
 
   Pass variables whose ``batch_stats`` were re-estimated at ``temperature`` for the original's
   ``--readjust_bn`` behaviour. ``sample_fn`` (from :func:`make_sample_fn`) shares one
   compilation between samplers of different temperatures.
   """
-  if output not in OUTPUT_MODES:
-    raise ValueError(f'output: expected one of {OUTPUT_MODES}, got {output!r}')
+  use_mean = use_output_mean(task, output)
   t = _check_temperature('temperature', temperature)
   tx = _check_temperature('output_temperature', output_temperature)
   fn = sample_fn or make_sample_fn(task, variables, num)
-  use_mean = output == 'mean' or (output == 'auto' and task.likelihood_name == 'bernoulli')
 
   def sampler(v, rng):
     mean, draw = fn(v, rng, t, tx)
@@ -307,7 +311,7 @@ def make_encoder(task, variables, batch: int) -> Callable:
   ``eps`` is the reparameterisation noise per group (decoder order); zeros give the posterior
   means along the mean path.
   """
-  model = task.model(_image_shape(task, variables))
+  model = task.model(image_shape_from_variables(task, variables))
   del batch
 
   def run(v, x, eps):
@@ -320,7 +324,7 @@ def make_encoder(task, variables, batch: int) -> Callable:
 
 def latent_noise(task, variables, batch: int, rng: Optional[jax.Array]) -> list[jax.Array]:
   """Standard-normal noise per group (zeros without ``rng``), shapes of the latent groups."""
-  arch = task.arch(_image_shape(task, variables))
+  arch = task.arch(image_shape_from_variables(task, variables))
   shapes = [(batch,) + s for s in arch.latent_shapes()]
   if rng is None:
     return [jnp.zeros(s, jnp.float32) for s in shapes]
@@ -340,94 +344,9 @@ def encode(task, variables, images: jax.Array, rng: Optional[jax.Array] = None,
   return fn(variables, x, latent_noise(task, variables, x.shape[0], rng))[0]
 
 
-def reconstruct(task, variables, images: jax.Array, rng: Optional[jax.Array] = None,
-                encoder: Optional[Callable] = None) -> jax.Array:
+def encode_decode(task, variables, images: jax.Array, rng: Optional[jax.Array] = None,
+                  encoder: Optional[Callable] = None) -> jax.Array:
   """The output distribution's mean given the latents of :func:`encode`, [B, H, W, C] in [0,1]."""
   x = jnp.asarray(images, jnp.float32)
   fn = encoder or make_encoder(task, variables, x.shape[0])
   return fn(variables, x, latent_noise(task, variables, x.shape[0], rng))[1]
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-def _define_flags(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'NVAE config file path.py[:arg].',
-                                  flag_values=fv, lock_config=True, sys_argv=list(argv))
-  flags.DEFINE_string('workdir', None, 'Workdir of a trained (or converted) model.',
-                      flag_values=fv)
-  flags.DEFINE_float('temperature', None, 'Latent temperature (default config.sample.'
-                     'temperature).', flag_values=fv)
-  flags.DEFINE_float('output_temperature', 1.0, 'Output-distribution temperature.',
-                     flag_values=fv)
-  flags.DEFINE_enum('output_mode', 'auto', OUTPUT_MODES, 'Draw pixels or take the mean.',
-                    flag_values=fv)
-  flags.DEFINE_integer('num', None, 'Number of samples (default config.sample.num).',
-                       flag_values=fv)
-  flags.DEFINE_bool('readjust', True, 'Re-estimate BN statistics at the temperature.',
-                    flag_values=fv)
-  flags.DEFINE_integer('readjust_steps', None, 'Train-mode prior passes (default '
-                       'config.sample.readjust_bn_steps).', flag_values=fv)
-  flags.DEFINE_integer('readjust_batch', None, 'Images per pass (default '
-                       'config.sample.readjust_bn_batch).', flag_values=fv)
-  flags.DEFINE_float('readjust_momentum', 0.05, 'EMA momentum (0 = plain average).',
-                     flag_values=fv)
-  flags.DEFINE_string('output', '', 'PNG path (default WORKDIR/samples_t<t>.png).',
-                      flag_values=fv)
-  flags.DEFINE_integer('seed', 0, 'Sampling seed.', flag_values=fv)
-  return fv
-
-
-def main(argv=None) -> dict[str, Any]:
-  import sys  # pylint: disable=import-outside-toplevel
-
-  from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
-  from nvae_jax.train.sample import write_grid  # pylint: disable=import-outside-toplevel
-  from nvae_jax.train import build  # pylint: disable=import-outside-toplevel
-  from nvae_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
-
-  argv = list(sys.argv if argv is None else argv)
-  fv = _define_flags(argv)
-  fv(argv)
-  config = fv.config
-  if config.model.name != 'nvae':
-    raise ValueError(f'config.model.name: expected "nvae", got {config.model.name!r}')
-  if not fv.workdir:
-    raise ValueError('--workdir: required (a workdir with a checkpoint)')
-  run = build.build(config)
-  state, _, step, _ = build.restore_latest(run, fv.workdir, image_shape(config.data),
-                                           config.data.batch_size)
-  variables = jax.device_get(state_lib.variables_of(state))
-  t = config.sample.temperature if fv.temperature is None else fv.temperature
-  num = config.sample.num if fv.num is None else fv.num
-  rng = jax.random.key(fv.seed)
-  info: dict[str, Any] = {}
-  steps = (config.sample.get('readjust_bn_steps', 500) if fv.readjust_steps is None
-           else fv.readjust_steps)
-  batch = (config.sample.get('readjust_bn_batch', 16) if fv.readjust_batch is None
-           else fv.readjust_batch)
-  if fv.readjust and steps > 0:
-    momentum = fv.readjust_momentum or None
-    stats, info = cached_bn_stats(
-        run.task, variables, jax.random.fold_in(rng, 1), t,
-        os.path.join(fv.workdir, 'bn_stats', f'step{step}'), steps=steps, batch=batch,
-        momentum=momentum, log=print)
-    variables = dict(variables, batch_stats=stats)
-  sampler = make_sampler(run.task, variables, num, temperature=t,
-                         output_temperature=fv.output_temperature, output=fv.output_mode)
-  images = np.asarray(sampler(variables, jax.random.fold_in(rng, 2)))
-  path = fv.output or os.path.join(fv.workdir, f'samples_t{float(t):g}.png')
-  write_grid(path, images)
-  out = dict(step=int(step), temperature=float(t), num=int(num), path=path,
-             finite=bool(np.all(np.isfinite(images))), min=float(images.min()),
-             max=float(images.max()), readjust={k: v for k, v in info.items()
-                                                if k not in ('path',)})
-  print(json.dumps(out), flush=True)
-  return out
-
-
-if __name__ == '__main__':
-  main()

@@ -16,7 +16,7 @@ from nvae_jax import objectives
 from nvae_jax import policy
 from nvae_jax.config import nvae as nvae_config
 from nvae_jax.distributions import make_output_distribution
-from nvae_jax.models.base import register
+from nvae_jax.models.base import ModelTaskBase, register
 from nvae_jax.models.nvae import sampling as nvae_sampling
 from nvae_jax.models.nvae.network import NVAE, importance_weighted_nll
 from nvae_jax.models.nvae.plan import NVAEArch, groups_per_scale
@@ -73,13 +73,14 @@ def likelihood_from_config(config) -> tuple[str, tuple]:
 
 
 @register('nvae')
-class NVAETask:
+class NVAETask(ModelTaskBase):
   """NVAE for the training platform (``nvae_jax.models.base.ModelTask``).
 
   ``config.model`` fields are named as the original command-line arguments (see
   ``nvae_jax/config/nvae.py``); ``total_steps`` (the KL warm-up horizon N) defaults to
   ``config.train.num_steps`` when 0.  The image geometry is read from the batch (and from the
-  variables in ``sample``), so one task serves any input size.
+  variables in ``sample``; ``describe`` and ``num_dims`` take it as an argument), so one task
+  serves any input size.
 
   Loss = mean_b(recon_b + beta balanced_KL_b) + lambda (L_SR + L_BN); metrics: ``loss``,
   ``recon``, ``kl``, ``balanced_kl``, ``kl_coeff``, ``norm_loss``, ``bn_loss``, ``wdn_coeff``,
@@ -115,6 +116,11 @@ class NVAETask:
       raise ValueError(f'config.eval: num_importance_samples={self.num_importance} must be a '
                        f'positive multiple of importance_chunk={self.importance_chunk}')
     self._models: dict[tuple, NVAE] = {}
+    self._input_shape = None  # the shape init saw (for describe())
+    sample = config.sample
+    self.sample_output_mode = str(_get(sample, 'output_mode', 'auto'))
+    self.sample_output_temperature = float(_get(sample, 'output_temperature', 1.0))
+    nvae_sampling.use_output_mean(self, self.sample_output_mode)  # validates the mode
 
   # -- construction ---------------------------------------------------------------------------
 
@@ -132,12 +138,6 @@ class NVAETask:
                                dtype=self.dtype, depthwise_impl=self.depthwise,
                                remat_policy=self.remat_policy)
     return self._models[key]
-
-  def _image_shape_from_variables(self, variables) -> tuple[int, int, int]:
-    h, w, _ = variables['params']['prior_ftr0'].shape
-    c = variables['params']['stem']['kernel'].shape[2]
-    f = 2 ** (self.hparams['num_preprocess_blocks'] + self.hparams['num_latent_scales'] - 1)
-    return (h * f, w * f, c)
 
   @staticmethod
   def _images(batch) -> jax.Array:
@@ -157,6 +157,7 @@ class NVAETask:
 
   def init(self, rng, batch):
     x = self._images(batch)
+    self._input_shape = tuple(int(s) for s in x.shape[1:])
     model = self.model(x.shape[1:])
     k_param, k_sample, k_sr = jax.random.split(rng, 3)
     variables = dict(model.init({'params': k_param, 'sample': k_sample}, x, True))
@@ -240,25 +241,35 @@ class NVAETask:
                 recon=jnp.mean(recon.reshape(k, b), axis=0))
 
   def sample(self, variables, rng, num, temperature):
-    shape = self._image_shape_from_variables(variables)
+    """``num`` images in [0, 1] at latent temperature ``temperature``, eval-mode BN.
+
+    The output distribution then gives its mean or a draw at ``config.sample.output_temperature``
+    as ``config.sample.output_mode`` says (``auto``: the mean for Bernoulli, as the original
+    shows binary samples, and a draw otherwise); see ``nvae_jax.models.nvae.sampling``.
+    """
+    shape = nvae_sampling.image_shape_from_variables(self, variables)
     model = self.model(shape)
     v = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
     k_z, k_x = jax.random.split(rng)
-    net_out = model.apply(v, num, temperature, False, rngs={'sample': k_z}, method=NVAE.sample)
-    if self.likelihood_name == 'bernoulli':
-      # The original shows Bernoulli means for binary data, and draws pixels otherwise.
+    net_out = model.apply(v, num, temperature, False, rngs={'sample': k_z},
+                          method=NVAE.sample_logits)
+    if nvae_sampling.use_output_mean(self, self.sample_output_mode):
       return model.apply(v, net_out, method=NVAE.output_mean)
-    return model.apply(v, net_out, k_x, 1.0, method=NVAE.output_sample)
+    return model.apply(v, net_out, k_x, self.sample_output_temperature,
+                       method=NVAE.output_sample)
 
   def prepare_sampling(self, variables, rng, temperature, cache_dir):
-    """Decoder BN statistics re-estimated at ``temperature`` (``nvae_jax.models.nvae.sampling``), cached
-    as ``cache_dir/bn_t<t>.npz``; ``config.sample.readjust_bn_steps = 0`` keeps the training ones."""
-    steps = int(self.config.sample.get('readjust_bn_steps', 0))
+    """Decoder BN statistics re-estimated at ``temperature`` (``nvae_jax.models.nvae.sampling``)
+    with ``config.sample.readjust_bn_*``, cached as ``cache_dir/bn_t<t>.npz``;
+    ``readjust_bn_steps = 0`` keeps the training ones."""
+    s = self.config.sample
+    steps = int(s.get('readjust_bn_steps', 0))
     if steps <= 0 or 'batch_stats' not in variables:
       return variables
+    momentum = float(s.get('readjust_bn_momentum', 0.05)) or None  # 0: a plain average
     stats, _ = nvae_sampling.cached_bn_stats(
         self, variables, rng, temperature, cache_dir, steps=steps,
-        batch=int(self.config.sample.get('readjust_bn_batch', 16)))
+        batch=int(s.get('readjust_bn_batch', 16)), momentum=momentum)
     return {**variables, 'batch_stats': stats}
 
   def reconstruct(self, variables, batch, rng):
@@ -268,9 +279,19 @@ class NVAETask:
     v = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
     return model.apply(v, out['net_out'], method=NVAE.output_mean)
 
-  def describe(self):
-    from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
-    shape = tuple(image_shape(self.config.data))
+  def num_dims(self, image_shape):
+    """(H - 2 crop)(W - 2 crop) C: the likelihood covers the image without its ``data.pad``
+    padding (784 for MNIST padded from 28x28 to 32x32)."""
+    h, w, c = (int(s) for s in image_shape)
+    return (h - 2 * self.crop) * (w - 2 * self.crop) * c
+
+  def describe(self, image_shape=None):
+    if image_shape is None:
+      if self._input_shape is None:
+        raise ValueError('NVAETask.describe: the input shape is unknown; pass image_shape (H, W, '
+                         'C) or call init first')
+      image_shape = self._input_shape
+    shape = tuple(int(s) for s in image_shape)
     arch = self.arch(shape)
     dist = make_output_distribution(self.likelihood_name, **dict(self.likelihood_options))
     return {'inputs': shape, 'latents': arch.latent_shapes(),
