@@ -26,13 +26,11 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-
-from nvae_jax.flows.emerging import naive_inverse  # pylint: disable=wrong-import-position
-from nvae_jax.models import glow  # pylint: disable=wrong-import-position
+from nvae_jax.flows.emerging import naive_inverse
+from nvae_jax.models import glow
 
 
 class _Mixing(glow.FlowStep):

@@ -43,7 +43,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # The original per-GPU batch of each published config (nvae_spec.md §3); configs store the
 # global batch.

@@ -120,12 +120,9 @@ def register(name: str):
   return wrap
 
 
-def build_task(config) -> ModelTask:
-  """Builds the ModelTask named by ``config.model.name`` from the whole config."""
-  # Import the model modules so that they register themselves.
-  from nvae_jax import models  # noqa: F401  pylint: disable=import-outside-toplevel
-  name = config.model.name
+def registered(name: str):
+  """The ModelTask factory registered under ``name`` (``ValueError`` naming the known ones)."""
   if name not in _REGISTRY:
     raise ValueError(f'config.model.name: unknown model {name!r}; expected one of '
                      f'{sorted(_REGISTRY)}')
-  return _REGISTRY[name](config)
+  return _REGISTRY[name]

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from nvae_jax import errors
 from nvae_jax.config import validation as config_validation
-from nvae_jax.models.base import build_task
+from nvae_jax.models import build_task
 from nvae_jax.train import checkpoint as ckpt_lib
 from nvae_jax.train import optim
 from nvae_jax.train import state as state_lib

@@ -140,7 +140,7 @@ def _json_number(v):
   return v if np.isfinite(v) else str(v)
 
 
-_SHOWN_FIRST = ('loss', 'nll', 'elbo', 'recon', 'kl')
+_SHOWN_FIRST = ('loss', 'nll', 'nelbo', 'recon', 'kl')  # nelbo: the negative ELBO, every model
 _SHOWN_LAST = ('grad_norm', 'lr')
 
 

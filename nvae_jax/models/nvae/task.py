@@ -84,7 +84,7 @@ class NVAETask(ModelTaskBase):
 
   Loss = mean_b(recon_b + beta balanced_KL_b) + lambda (L_SR + L_BN); metrics: ``loss``,
   ``recon``, ``kl``, ``balanced_kl``, ``kl_coeff``, ``norm_loss``, ``bn_loss``, ``wdn_coeff``,
-  ``elbo`` (negative ELBO, nats), ``kl_group_<d>``.
+  ``nelbo`` (negative ELBO, nats), ``kl_group_<d>``.
   """
 
   mutable_collections = ('batch_stats', 'spectral')
@@ -210,7 +210,7 @@ class NVAETask(ModelTaskBase):
     metrics = dict(loss=loss, recon=jnp.mean(out['recon']), kl=jnp.mean(kl),
                    balanced_kl=jnp.mean(aux['balanced_kl']), kl_coeff=aux['beta'],
                    norm_loss=aux['norm_loss'], bn_loss=aux['bn_loss'],
-                   wdn_coeff=aux['wdn_coeff'], elbo=jnp.mean(out['recon'] + kl))
+                   wdn_coeff=aux['wdn_coeff'], nelbo=jnp.mean(out['recon'] + kl))
     for d in range(out['kl_all'].shape[1]):
       metrics[f'kl_group_{d}'] = aux['kl_vals'][d]
     new_state = {'batch_stats': aux['batch_stats'], 'spectral': aux['spectral']}
@@ -222,7 +222,7 @@ class NVAETask(ModelTaskBase):
     K = ``config.eval.num_importance_samples`` posterior samples per image, drawn
     ``importance_chunk`` at a time (the batch is tiled chunk times) under ``lax.map``:
     log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x),  nll = -(logsumexp_k log w_k - log K),
-    elbo = mean_k (recon_k + sum_g KL_g,k) (negative ELBO, nats).
+    nelbo = mean_k (recon_k + sum_g KL_g,k) (negative ELBO, nats).
     """
     x = self._images(batch)
     b = x.shape[0]
@@ -237,7 +237,7 @@ class NVAETask(ModelTaskBase):
 
     log_w, nelbo, recon = lax.map(one, jax.random.split(rng, k // chunk))
     log_w = log_w.reshape(k, b)
-    return dict(nll=importance_weighted_nll(log_w), elbo=jnp.mean(nelbo.reshape(k, b), axis=0),
+    return dict(nll=importance_weighted_nll(log_w), nelbo=jnp.mean(nelbo.reshape(k, b), axis=0),
                 recon=jnp.mean(recon.reshape(k, b), axis=0))
 
   def sample(self, variables, rng, num, temperature):
