@@ -280,3 +280,30 @@ def test_published_configs_come_from_the_library():
     module = importlib.import_module(f'configs.nvae_{name}')
     for arg in (None, 'small'):
       assert module.get_config(arg).to_dict() == nvae_base.published_config(name, arg).to_dict()
+
+
+def test_converter_and_reference_check_work_outside_the_checkout(tmp_path):
+  """From a folder where only the installed package is importable (no top-level ``configs``),
+  the published configs, the converter's mapping and the reference check's config still build."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  site = tmp_path / 'site'
+  site.mkdir()
+  os.symlink(os.path.dirname(os.path.abspath(nvae_base.__file__)).rsplit(os.sep, 1)[0],
+             site / 'nvae_jax')
+  fixture = os.path.join(SHARED, 'fixtures', 'nvae_reference', 'cifar_tiny_s0')
+  script = f'''
+import importlib.util, json
+assert importlib.util.find_spec('configs') is None, 'configs/ must not be importable here'
+from nvae_jax.convert import check_reference, official_keys, torch_checkpoint
+for name in official_keys.PUBLISHED:
+  official_keys.load_published_config(name)
+args = json.load(open({os.path.join(fixture, 'summary.json')!r}))['args']
+c = check_reference.config_from_fixture_args(dict(args, dataset='celeba_64'))
+print(c.data.name, torch_checkpoint.config_from_args(args).data.name)
+'''
+  env = dict(os.environ, PYTHONPATH=str(site), JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['celeb_a', 'cifar10']
