@@ -28,7 +28,8 @@ Conventions
 * A metric named ``nelbo`` is the negative ELBO in nats, in every model.
 
 Model families subclass :class:`ModelTaskBase`, which gives the optional parts of the protocol
-their defaults (``num_dims`` = H W C, ``prepare_sampling`` a no-op).
+their defaults (``num_dims`` = H W C, ``image_size_multiple`` = 1, ``prepare_sampling`` a
+no-op).
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ class ModelTask(Protocol):
     """Optional (default: H W C): the number of dimensions the likelihood covers for inputs of
     ``image_shape``, the denominator of bits/dim."""
 
+  def image_size_multiple(self) -> tuple[int, str]:
+    """Optional (default: ``(1, '')``): ``(m, why)``, the image height and width must be
+    multiples of ``m`` (``why`` names the config fields that set it, for the error message)."""
+
   def describe(self, image_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """Static description for inputs of ``image_shape`` (default: the shape ``init`` saw):
     ``{'inputs': shape, 'latents': [...], 'outputs': shape, 'likelihood': {'name': str,
@@ -105,6 +110,10 @@ class ModelTaskBase:
   def num_dims(self, image_shape: Sequence[int]) -> int:
     """D = H W C: the likelihood covers every pixel and channel."""
     return int(math.prod(int(s) for s in image_shape))
+
+  def image_size_multiple(self) -> tuple[int, str]:
+    """Any image size."""
+    return 1, ''
 
 
 _REGISTRY: dict[str, Any] = {}

@@ -370,6 +370,10 @@ class GlowTask(ModelTaskBase):
     x_cont = self._decode(variables, eps, 1.0)
     return jnp.clip(dq.undo_dequantize(x_cont, u, self.num_bits), 0.0, 1.0).astype(jnp.float32)
 
+  def image_size_multiple(self):
+    """One squeeze (a halving of H and W) per level."""
+    return 2 ** self.num_levels, f'2^model.num_levels={self.num_levels} (one squeeze per level)'
+
   def describe(self, image_shape=None):
     shape = self.image_shape() if image_shape is None else tuple(int(s) for s in image_shape)
     return {'inputs': shape, 'outputs': shape,

@@ -72,29 +72,10 @@ def batch_spec(image_shape, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
           'mask': jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
 
 
-def image_size_multiple(model_config) -> tuple[int, str]:
-  """``(m, why)``: the image height and width must be multiples of ``m`` for this model family.
-
-  NVAE halves the resolution in each pre-processing block and between latent scales, so
-  ``m = 2^(num_preprocess_blocks + num_latent_scales - 1)``; a multi-scale flow (``glow``)
-  squeezes once per level, ``m = 2^num_levels``; other families: 1.
-  """
-  name = model_config.get('name')
-  if name == 'nvae':
-    pre, scales = model_config.get('num_preprocess_blocks'), model_config.get('num_latent_scales')
-    if isinstance(pre, int) and isinstance(scales, int) and pre >= 0 and scales >= 1:
-      return 2 ** (pre + scales - 1), (f'2^(model.num_preprocess_blocks={pre} + '
-                                       f'model.num_latent_scales={scales} - 1)')
-  if name == 'glow':
-    levels = model_config.get('num_levels')
-    if isinstance(levels, int) and levels >= 0:
-      return 2 ** levels, f'2^model.num_levels={levels} (one squeeze per level)'
-  return 1, ''
-
-
-def check_image_shape(config, image_shape) -> None:
-  """Raises :class:`~nvae_jax.errors.ConfigError` if the model cannot take ``image_shape``."""
-  m, why = image_size_multiple(config.model)
+def check_image_shape(task, config, image_shape) -> None:
+  """Raises :class:`~nvae_jax.errors.ConfigError` if the model cannot take ``image_shape``
+  (the task's ``image_size_multiple``: its height and width must be multiples of ``m``)."""
+  m, why = task.image_size_multiple()
   h, w = int(image_shape[0]), int(image_shape[1])
   if h % m or w % m:
     pad = int(config.data.get('pad', 0) or 0)
@@ -109,7 +90,7 @@ def abstract_state(run: Run, spec) -> tuple[Any, Any]:
 
   Checks first that the model can take the images (:func:`check_image_shape`).
   """
-  check_image_shape(run.config, spec['image'].shape[1:])
+  check_image_shape(run.task, run.config, spec['image'].shape[1:])
   init = functools.partial(state_lib.init_train_state, run.task, run.tx, run.config.seed)
   shapes = jax.eval_shape(init, spec)
   shardings = step_lib.state_shardings(shapes, run.mesh)
@@ -155,7 +136,7 @@ def describe(config, task=None) -> dict[str, Any]:
   config_validation.validate(config)
   task = _build_task(config) if task is None else task
   shape = image_shape(config.data)
-  check_image_shape(config, shape)
+  check_image_shape(task, config, shape)
   spec = batch_spec(shape, 1)
   variables = jax.eval_shape(task.init, state_lib.stream_key(config.seed, state_lib.INIT_STREAM),
                              spec)

@@ -279,6 +279,12 @@ class NVAETask(ModelTaskBase):
     v = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
     return model.apply(v, out['net_out'], method=NVAE.output_mean)
 
+  def image_size_multiple(self):
+    """NVAE halves the resolution in each pre-processing block and between latent scales."""
+    pre, scales = self.hparams['num_preprocess_blocks'], self.hparams['num_latent_scales']
+    return 2 ** (pre + scales - 1), (f'2^(model.num_preprocess_blocks={pre} + '
+                                     f'model.num_latent_scales={scales} - 1)')
+
   def num_dims(self, image_shape):
     """(H - 2 crop)(W - 2 crop) C: the likelihood covers the image without its ``data.pad``
     padding (784 for MNIST padded from 28x28 to 32x32)."""
