@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 
+from nvae_jax import progress
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PERMUTATIONS = ('reverse', 'shuffle', 'conv1x1', 'plu', 'qr', 'emerging', 'periodic')
 
@@ -61,7 +63,7 @@ def main(argv=None) -> None:
   os.makedirs(args.workdir, exist_ok=True)
   log = open(os.path.join(args.workdir, 'sweep.log'), 'a', encoding='utf-8')  # pylint: disable=consider-using-with
   results = []
-  for perm in args.permutations.split(','):
+  for perm in progress.track(args.permutations.split(','), desc='flow sweep', unit='run'):
     workdir = os.path.join(args.workdir, perm)
     base = [sys.executable, '-m', 'nvae_jax.main', f'--config=configs/flow_mnist.py:{perm}',
             f'--workdir={workdir}', f'--config.data.data_dir={args.data_dir}',

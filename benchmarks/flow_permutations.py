@@ -29,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from nvae_jax import progress
 from nvae_jax.flows.emerging import naive_inverse
 from nvae_jax.models import glow
 
@@ -80,7 +81,7 @@ def main(argv=None) -> None:
                 loadavg_1m_at_start=round(os.getloadavg()[0], 2),
                 command='python ' + ' '.join([sys.argv[0]] + list(argv or sys.argv[1:])))
 
-  for perm in args.permutations.split(','):
+  for perm in progress.track(args.permutations.split(','), desc='permutations', unit='layer'):
     kw = dict(index=0, permutation=perm, hidden=args.width, kernel_size=args.kernel_size)
     mixing = _Mixing(**kw)
     mv = jax.jit(mixing.init)(jax.random.key(1), x)

@@ -101,6 +101,7 @@ def main(argv=None) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
+  from nvae_jax import progress  # pylint: disable=import-outside-toplevel
   from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
   from nvae_jax.train import build, step as step_lib  # pylint: disable=import-outside-toplevel
   from nvae_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
   jax.block_until_ready((state, metrics))
   first_step_s = time.perf_counter() - t0
   times, cpu = [], []
-  for _ in range(args.steps):
+  for _ in progress.track(range(args.steps), desc='timed steps', unit='step'):
     t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))

@@ -140,13 +140,17 @@ def convert_checkpoint(checkpoint: str, out_dir: str, *, data_dir: str = '',
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
+  from nvae_jax import progress as progress_lib  # pylint: disable=import-outside-toplevel
   from nvae_jax.convert import from_torch_names  # pylint: disable=import-outside-toplevel
   from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
   from nvae_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from nvae_jax.train import build  # pylint: disable=import-outside-toplevel
   from nvae_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
 
+  # Four stages, each up to minutes for the 256x256 models: load, place, build the state, save.
+  bar = progress_lib.Progress(4, f'convert {os.path.basename(checkpoint)}', 'stage')
   ckpt = load_torch_checkpoint(checkpoint, trust_pickle=trust_pickle)
+  bar.update(1, done='loaded')
   config = config_from_args(ckpt['args'], data_dir=data_dir, faithful_dml=faithful_dml)
   config = config.copy_and_resolve_references()
   run = build.build(config)
@@ -159,6 +163,7 @@ def convert_checkpoint(checkpoint: str, out_dir: str, *, data_dir: str = '',
     raise ValueError(f'checkpoint {checkpoint} does not fit the model rebuilt from its args: '
                      f'unused keys {conv.unused}; unfilled variables {conv.missing} (pass '
                      '--no_strict to convert anyway)')
+  bar.update(1, done=f'placed {len(ckpt["state_dict"])} keys')
   params = conv.variables['params']
   model_state = {'batch_stats': conv.variables.get('batch_stats', {})}
   for col in run.task.mutable_collections:
@@ -184,6 +189,7 @@ def convert_checkpoint(checkpoint: str, out_dir: str, *, data_dir: str = '',
     raise ValueError('converted state: entries differ from the platform\'s train state: ' +
                      '; '.join(bad[:10]))
 
+  bar.update(1, done='built the train state')
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -195,6 +201,8 @@ def convert_checkpoint(checkpoint: str, out_dir: str, *, data_dir: str = '',
     saver.save(int(ckpt['global_step']), state, config=config, force=True)
   finally:
     saver.close()
+  bar.update(1, done='saved')
+  bar.close()
   dataset = nvae_base.original_args_dict(ckpt['args']).get('dataset')
   summary = dict(source=os.path.abspath(checkpoint), step=int(ckpt['global_step']),
                  epoch=ckpt['epoch'], dataset=dataset,

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nvae_jax import progress as progress_lib
 from nvae_jax.distributions import units
 from nvae_jax.train import step as step_lib
 
@@ -68,25 +69,36 @@ def make_eval_step(task, mesh, variables_sharding) -> Callable:
 
 def evaluate_split(eval_step: Callable, variables, batches: Iterator[dict[str, np.ndarray]],
                    mesh, rng: jax.Array, *, num_dims: int, continuous: bool,
-                   num_batches: int | None = None, split: str = '') -> dict[str, Any]:
+                   num_batches: int | None = None, split: str = '',
+                   progress: str | None = None) -> dict[str, Any]:
   """Runs ``eval_step`` over ``batches`` (at most ``num_batches``) and returns the report.
 
   ``num_dims``: the dimensions the likelihood covers (``task.num_dims(image_shape)``).
   Keys: ``split``, ``num_examples``, ``nats_per_image``, ``bits_per_dim``, ``num_dims``,
   ``continuous``, plus ``<name>_per_image`` for every other per-example output of the task.
+  Shows progress (batches/s, ETA, running nats/image; ``progress`` is a :mod:`nvae_jax.progress`
+  mode, None = ``NVAE_JAX_PROGRESS`` or auto) over ``len(batches)`` or
+  ``batches.batches_per_epoch``.
   """
   totals: dict[str, float] = {}
   count = 0.0
-  for i, batch in enumerate(batches):
-    if num_batches is not None and i >= num_batches:
-      break
-    if 'mask' not in batch:
-      batch = dict(batch, mask=np.ones(batch['image'].shape[0], np.float32))
-    sums, n = step_lib.to_host(eval_step(variables, step_lib.put_batch(batch, mesh),
-                                         jax.random.fold_in(rng, i)))
-    for k, v in sums.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-    count += float(n)
+  total = getattr(batches, 'batches_per_epoch', None)
+  if total is None and hasattr(batches, '__len__'):
+    total = len(batches)
+  if num_batches is not None:
+    total = num_batches if total is None else min(total, num_batches)
+  with progress_lib.Progress(total, f'eval {split}'.rstrip(), 'batch', mode=progress) as bar:
+    for i, batch in enumerate(batches):
+      if num_batches is not None and i >= num_batches:
+        break
+      if 'mask' not in batch:
+        batch = dict(batch, mask=np.ones(batch['image'].shape[0], np.float32))
+      sums, n = step_lib.to_host(eval_step(variables, step_lib.put_batch(batch, mesh),
+                                           jax.random.fold_in(rng, i)))
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+      count += float(n)
+      bar.update(1, nats_per_image=totals['nll'] / max(count, 1.0))
   if count == 0:
     raise ValueError(f'evaluate: split {split!r} gave no examples (every mask was 0 or the '
                      'pipeline was empty)')

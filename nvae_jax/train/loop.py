@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from nvae_jax import errors
+from nvae_jax import progress as progress_lib
 from nvae_jax.train import evaluate as eval_lib
 from nvae_jax.train import preemption
 from nvae_jax.train import workdir as workdir_lib
@@ -176,6 +177,16 @@ def _mean_metrics(history: list[dict]) -> dict[str, float]:
   return out
 
 
+def read_metrics(workdir: str, split: str = 'train') -> list[dict[str, Any]]:
+  """The records of ``workdir/metrics.jsonl`` for ``split`` (``train`` or ``eval``), in order."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'workdir: no metrics.jsonl in {workdir}; train first')
+  with open(path, encoding='utf-8') as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if r.get('split') == split]
+
+
 def _due(step: int, every: int, last: bool) -> bool:
   return last or (every > 0 and step % every == 0)
 
@@ -194,9 +205,11 @@ def train_and_evaluate(config, workdir: str, *, task=None,
       the process were killed there; for tests of resumption.
 
   Returns:
-    ``{'step', 'train': last logged train metrics, 'eval': last eval report}``, and
-    ``'preempted': 'SIGTERM'`` (or ``'SIGINT'``) when a stop signal ended the run early: the
-    step it stopped at is checkpointed (see :mod:`nvae_jax.train.preemption`).
+    ``{'step', 'train': last logged train metrics, 'eval': last eval report, 'state': the final
+    train state}`` (``variables_of(result['state'])`` for sampling; the metric history is in
+    ``read_metrics(workdir)``), and ``'preempted': 'SIGTERM'`` (or ``'SIGINT'``) when a stop
+    signal ended the run early: the step it stopped at is checkpointed (see
+    :mod:`nvae_jax.train.preemption`).
   """
   workdir_lib.check(workdir)
   run = build.build(config, task)
@@ -301,12 +314,15 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
 
   total = int(c.train.num_steps)
   start = int(step_lib.to_host(state['step']))
-  result: dict[str, Any] = {'step': start, 'train': None, 'eval': None}
+  result: dict[str, Any] = {'step': start, 'train': None, 'eval': None, 'state': state}
   if start >= total:
     writer.print(f'Nothing to do: the checkpoint is at step {start} >= train.num_steps={total}.')
     return result
 
   history: list[dict] = []
+  # In a notebook, a bar next to the log lines (nvae_jax.progress; NVAE_JAX_PROGRESS=off hides it).
+  bar = (progress_lib.Progress(total - start, 'train', 'step')
+         if is_main and progress_lib.resolve_mode() == 'bar' else None)
   previous = None
   t_last, steps_since, overhead = time.time(), 0, 0.0
   batch = global_first
@@ -314,6 +330,8 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
     if step > start:
       batch = step_lib.put_batch(next(train_pipe), run.mesh)
     state, metrics = train_step(state, batch)
+    if bar is not None:
+      bar.update(1)
     if step == start:  # keep compilation out of steps/s and the ETA
       jax.block_until_ready(metrics)
       t_last, steps_since = time.time(), -1
@@ -352,16 +370,20 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
     if _due(done, c.train.checkpoint_every, last):
       ckpt.save(done, state, data_state=train_pipe.get_state(), config=c, force=True)
     overhead += time.time() - t0
-    result['step'] = done
+    result['step'], result['state'] = done, state
     if stopping and done < total:
       ckpt.wait()
       result['preempted'] = stop.signal_name
+      if bar is not None:
+        bar.close()
       writer.print(f'Stopped by {stop.signal_name} after step {done}: checkpoint '
                    f'{ckpt.directory}/{done} written; rerun the same command to resume '
                    f'(nvae-jax exits with status {errors.PREEMPTED_EXIT}).')
       return result
     if last:
       break
+  if bar is not None:
+    bar.close()
 
   if previous is not None and 'consecutive_skips' in previous:
     p = step_lib.to_host(previous)

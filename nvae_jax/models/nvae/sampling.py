@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from nvae_jax import progress as progress_lib
 from nvae_jax.config.schema import SAMPLE_OUTPUT_MODES as OUTPUT_MODES
 from nvae_jax.models.nvae.network import NVAE
 
@@ -130,8 +131,11 @@ def _flat(tree) -> dict[tuple, np.ndarray]:
 
 def reestimate_bn(task, variables, rng: jax.Array, temperature: float, *, steps: int = 500,
                   batch: int = 16, momentum: Optional[float] = 0.05,
-                  log: Optional[Callable[[str], None]] = None) -> tuple[dict, dict[str, Any]]:
+                  progress: Optional[str] = None) -> tuple[dict, dict[str, Any]]:
   """Batch-norm statistics for sampling at latent temperature ``temperature`` (module docstring).
+
+  Shows the passes' progress (``progress``: a :mod:`nvae_jax.progress` mode, None =
+  ``NVAE_JAX_PROGRESS`` or auto).
 
   Returns ``(batch_stats, info)``: the full ``batch_stats`` tree (untouched layers unchanged) and
   ``info`` with ``touched`` (layer count), ``bn_momentum`` (measured), ``skipped`` (non-finite
@@ -173,18 +177,20 @@ def reestimate_bn(task, variables, rng: jax.Array, temperature: float, *, steps:
 
   est = {k: train_stats[k].astype(np.float64) for k in touched}
   used = skipped = 0
-  for i in range(steps):
-    r = r0 if i == 0 else _flat(one_pass(params, zeros, jax.random.fold_in(rng, i)))
-    b = {k: r[k].astype(np.float64) / mu for k in touched}
-    if not all(np.all(np.isfinite(v)) for v in b.values()):
-      skipped += 1
-      continue
-    used += 1
-    w = (1.0 / used) if momentum is None else momentum
-    for k in touched:
-      est[k] = (1.0 - w) * est[k] + w * b[k]
-    if log and (i + 1) % max(1, steps // 5) == 0:
-      log(f'bn re-estimation: {i + 1}/{steps} passes')
+  with progress_lib.Progress(steps, f'bn re-estimation t={float(temperature):g}', 'pass',
+                             mode=progress) as bar:
+    for i in range(steps):
+      r = r0 if i == 0 else _flat(one_pass(params, zeros, jax.random.fold_in(rng, i)))
+      b = {k: r[k].astype(np.float64) / mu for k in touched}
+      finite = all(np.all(np.isfinite(v)) for v in b.values())
+      if finite:
+        used += 1
+        w = (1.0 / used) if momentum is None else momentum
+        for k in touched:
+          est[k] = (1.0 - w) * est[k] + w * b[k]
+      else:
+        skipped += 1
+      bar.update(1, skipped=skipped)
   if used == 0:
     names = sorted('/'.join(k) for k in touched
                    if not np.all(np.isfinite(r0[k])))
@@ -234,7 +240,7 @@ def load_bn_stats(path: str) -> tuple[dict, dict[str, Any]]:
 
 def cached_bn_stats(task, variables, rng: jax.Array, temperature: float, cache_dir: str, *,
                     steps: int = 500, batch: int = 16, momentum: Optional[float] = 0.05,
-                    log: Optional[Callable[[str], None]] = None) -> tuple[dict, dict[str, Any]]:
+                    progress: Optional[str] = None) -> tuple[dict, dict[str, Any]]:
   """``reestimate_bn`` through the ``bn_t<t>.npz`` cache in ``cache_dir`` (module docstring).
 
   The cache is reused when its temperature, settings and parameter fingerprint match and its
@@ -252,7 +258,7 @@ def cached_bn_stats(task, variables, rng: jax.Array, temperature: float, cache_d
     if same_tree and all(stored.get(k) == v for k, v in meta.items()):
       return stats, dict(stored, cached=True, path=path)
   stats, info = reestimate_bn(task, variables, rng, temperature, steps=steps, batch=batch,
-                              momentum=momentum, log=log)
+                              momentum=momentum, progress=progress)
   save_bn_stats(path, stats, dict(meta, **{k: info[k] for k in ('touched', 'skipped',
                                                                 'bn_momentum')}))
   return stats, dict(info, cached=False, path=path)
