@@ -53,6 +53,7 @@ import ml_collections
 import numpy as np
 
 from nvae_jax.config import base_config
+from nvae_jax.config import conv_vae as conv_vae_config
 from nvae_jax.data import make_pipeline
 from nvae_jax.models import build_task
 from nvae_jax.train import loop
@@ -65,8 +66,9 @@ print('jax', jax.__version__, 'on', jax.devices()[0].platform, '| work directory
 # %% [markdown]
 # ## One config, three decoders
 #
-# The config is the platform's schema (`nvae_jax.config.base_config()`), filled in here: the
-# digits source, the sigma-VAE conv VAE with a 4-d latent, Adam with warm-up and cosine decay.
+# The config is the platform's schema (`nvae_jax.config.base_config()`) with the conv VAE's
+# fields (`nvae_jax.config.conv_vae.model_config`), filled in here: the digits source, the
+# sigma-VAE conv VAE with a 4-d latent, Adam with warm-up and cosine decay.
 # Only `model.decoder` differs between the runs.
 
 # %%
@@ -78,8 +80,8 @@ def make_config(decoder: str) -> ml_collections.ConfigDict:
   c = base_config()
   c.data.update(name='digits', train_split='train', eval_split='test', image_size=16,
                 channels=1, num_bits=8, batch_size=64, eval_batch_size=64)
-  c.model = ml_collections.ConfigDict(dict(
-      name='conv_vae', decoder=decoder, latent_dim=4, channels=(16, 32, 32), strides=(1, 2, 2)))
+  c.model = conv_vae_config.model_config(decoder)  # every conv_vae field at its default
+  c.model.update(latent_dim=4, channels=(16, 32, 32))
   c.optim.update(name='adam', lr=2e-3, min_lr=1e-4, warmup_steps=min(50, STEPS // 10),
                  schedule='cosine', grad_clip=200.0)
   c.train.update(num_steps=STEPS, log_every=max(2, STEPS // 6), eval_every=0,

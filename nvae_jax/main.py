@@ -27,6 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from nvae_jax import errors
+from nvae_jax.config import files as config_files
 
 MODES = ('train', 'eval', 'sample', 'describe')
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -35,9 +36,9 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-      'config', DEFAULT_CONFIG, 'Config file path.py[:arg]; override fields with '
-      '--config.section.field=value.', flag_values=fv, lock_config=True, sys_argv=list(argv))
+  config_files.define_config_file(
+      'config', 'Config file path.py[:arg] (default configs/quickstart.py); override fields '
+      'with --config.section.field=value.', flag_values=fv, sys_argv=argv)
   flags.DEFINE_string('workdir', None, 'Output folder: checkpoints, metrics, images.',
                       flag_values=fv)
   flags.DEFINE_enum('mode', 'train', MODES, 'What to do.', flag_values=fv)
@@ -101,14 +102,9 @@ def _finalize(fv: flags.FlagValues):
   A config file may derive fields from others once ``--config.*`` overrides are in (e.g.
   ``configs/sigma_vae_mnist.py`` switches on dynamic binarisation for a Bernoulli decoder).
   """
-  import importlib.util  # pylint: disable=import-outside-toplevel
   config = fv.config
   path = config_flags.get_config_filename(fv['config']).split(':', 1)[0]
-  spec = importlib.util.spec_from_file_location('_nvae_jax_config_file', path)
-  if spec is None or spec.loader is None:
-    return config
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_files.load_module(path)
   hook = getattr(module, 'finalize', None)
   return hook(config) if callable(hook) else config
 
@@ -130,6 +126,8 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   config_value = _config_arg(argv)
   if config_value is not None:
     _check_config_file(config_value)
+  else:
+    argv.insert(1, f'--config={DEFAULT_CONFIG}')
   try:
     fv = _define_flags(argv)
     if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
