@@ -31,14 +31,22 @@
 # (`nvae_jax.train.loop.train_and_evaluate`). `NVAE_JAX_NOTEBOOK_STEPS` sets the steps.
 
 # %%
-# Install (a fresh Colab runtime or environment); skipped when nvae_jax is importable.
-# NVAE_JAX_SOURCE: a path to a checkout of this repository or its git URL (git+https://...).
+# Install (a fresh Colab runtime or environment); does nothing when nvae_jax is importable.
+# NVAE_JAX_SOURCE: this repository's git URL (git+https://...) or a path to a copy of it; the
+# default is the checkout this notebook sits in.
+import importlib
 import importlib.util
 import os
 
 if importlib.util.find_spec('nvae_jax') is None:
-  # %pip install -q "{os.environ.get('NVAE_JAX_SOURCE', '..')}[notebooks]"
-  pass
+  SOURCE = os.environ.get('NVAE_JAX_SOURCE') or ('..' if os.path.isfile('../pyproject.toml')
+                                                 else '')
+  if not SOURCE:
+    raise RuntimeError('nvae_jax is not installed: set NVAE_JAX_SOURCE to the repository '
+                       '(%env NVAE_JAX_SOURCE=git+https://... or a path), then rerun this cell')
+  REQUIREMENT = f'nvae_jax[notebooks] @ {SOURCE}' if '://' in SOURCE else f'{SOURCE}[notebooks]'
+  # %pip install -q "{REQUIREMENT}"
+  importlib.invalidate_caches()
 
 STEPS = int(os.environ.get('NVAE_JAX_NOTEBOOK_STEPS', '600'))  # training steps per decoder
 FIGURE_DIR = os.environ.get('NVAE_JAX_NOTEBOOK_FIGURES', '')  # save the figure there if set
