@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import traceback
 import types
 from typing import Sequence
 
@@ -42,8 +43,13 @@ class ConfigFileParser(flags.ArgumentParser):
 
   def parse(self, argument):
     file_path, *arg = str(argument).split(':', 1)
-    module = load_module(file_path, f'{self.name}_config')
-    config = module.get_config(*arg)
+    try:
+      module = load_module(file_path, f'{self.name}_config')
+      config = module.get_config(*arg)
+    except (TypeError, ValueError) as e:
+      # absl turns these into a flag error carrying only the message: keep the file's traceback
+      # in it, worded as ml_collections' parser does, so that callers handle both alike.
+      raise type(e)('Error whilst parsing config file:\n\n' + traceback.format_exc()) from e
     if self.lock_config and callable(getattr(config, 'lock', None)):
       config.lock()
     return config
