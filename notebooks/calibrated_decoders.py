@@ -135,7 +135,7 @@ print(f'best test ELBO: {best}')
 test_batch = next(make_pipeline(make_config('gaussian_fixed').data, 'test', train=False,
                                 seed=0))
 originals = test_batch['image'][:18]
-fig, axes = plt.subplots(2, len(results), figsize=(4 * len(results), 8.4))
+fig, axes = plt.subplots(2, len(results), figsize=(4 * len(results), 9.4), layout='constrained')
 for col, (label, result) in enumerate(results.items()):
   config = make_config(DECODERS[label])
   task = build_task(config)
@@ -151,13 +151,12 @@ for col, (label, result) in enumerate(results.items()):
     ax.imshow(sample_lib.make_grid(images, ncols)[..., 0], cmap='gray', vmin=0, vmax=255)
     ax.set_xticks([])
     ax.set_yticks([])
-    ev = result['eval']
-    ax.set_title(f'{label}: {what}\ntest -ELBO {ev["nats_per_image"]:.1f} nats '
-                 f'(KL {ev["kl_per_image"]:.1f})', fontsize=10)
+    ev, sigma = result['eval'], result['train'].get('sigma', 1.0)
+    ax.set_title(f'{label}: {what}\ntest -ELBO {ev["nats_per_image"]:.1f} nats, KL '
+                 f'{ev["kl_per_image"]:.1f}, sigma {sigma:.3g}', fontsize=10)
   axes[1, col].set_xlabel('z ~ N(0, I), decoder mean')
-fig.suptitle(f'sigma-VAE decoders on scikit-learn digits (16x16), {STEPS} steps each; '
-             'top: test digits (odd rows) and reconstructions (even rows)')
-fig.tight_layout()
+fig.suptitle(f'sigma-VAE decoders on scikit-learn digits (16x16), {STEPS} steps each\n'
+             'top: test digits (odd rows) and their reconstructions (even rows)')
 if FIGURE_DIR:
   os.makedirs(FIGURE_DIR, exist_ok=True)
   fig.savefig(os.path.join(FIGURE_DIR, 'calibrated_decoders.png'), dpi=100)
