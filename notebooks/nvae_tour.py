@@ -133,7 +133,8 @@ for i, t in enumerate(TEMPERATURES):
   stats, info = sampling.reestimate_bn(task, variables, jax.random.key(10 + i), t,
                                        steps=config.sample.readjust_bn_steps,
                                        batch=config.sample.readjust_bn_batch)
-  sampler = sampling.make_sampler(task, variables, 16, temperature=t, sample_fn=sample_fn)
+  sampler = sampling.make_temperature_sampler(task, variables, 16, temperature=t,
+                                             sample_fn=sample_fn)
   samples[t] = np.asarray(sampler(dict(variables, batch_stats=stats), jax.random.key(20 + i)))
   print(f't={t}: re-estimated {info["touched"]} of {info["total"]} batch norms '
         f'({info["skipped"]} passes skipped)')
@@ -142,13 +143,13 @@ for i, t in enumerate(TEMPERATURES):
 # %% [markdown]
 # ## Reconstructions and the KL of each group
 #
-# `sampling.reconstruct` encodes each image to its posterior means (group by group, top first)
+# `sampling.encode_decode` encodes each image to its posterior means (group by group, top first)
 # and decodes them. The KL per group is the training objective's, averaged over the last logged
 # interval, in decoder order (the top group first).
 
 # %%
 test_images = next(make_pipeline(config.data, 'test', train=False, seed=0))['image'][:16]
-recon = np.asarray(sampling.reconstruct(task, variables, test_images))
+recon = np.asarray(sampling.encode_decode(task, variables, test_images))
 kl_groups = [history[-1][f'kl_group_{d}'] for d in range(len(description['latents']))]
 print('KL per group (nats):', np.round(kl_groups, 3))
 
@@ -158,7 +159,7 @@ grid = fig.add_gridspec(2, 3)
 ax = fig.add_subplot(grid[0, 0])
 steps = [r['step'] for r in history]
 ax.plot(steps, [r['loss'] for r in history], label='training loss')
-ax.plot(steps, [r['elbo'] for r in history], label='negative ELBO')
+ax.plot(steps, [r['nelbo'] for r in history], label='negative ELBO')
 ax.plot(steps, [r['recon'] for r in history], label='reconstruction -log p(x|z)')
 ax.set_xlabel('step')
 ax.set_ylabel('nats per image (training batches)')
