@@ -60,8 +60,9 @@ class ConfigFileParser(flags.ArgumentParser):
 
 def define_config_file(name: str, help_string: str, flag_values: flags.FlagValues,
                        sys_argv: Sequence[str]) -> None:
-  """Defines ``--<name>=path.py[:arg]`` like ``config_flags.DEFINE_config_file`` (locked config,
-  ``--<name>.field=value`` overrides read from ``sys_argv``), loading with :class:`ConfigFileParser`.
+  """Defines ``--<name>=path.py[:arg]`` like ``config_flags.DEFINE_config_file`` (locked
+  config, ``--<name>.field=value`` overrides read from ``sys_argv``), loading the file with
+  :class:`ConfigFileParser`.
 
   There is no default: a caller with a default file inserts it into ``sys_argv`` (and parses that
   list), so that the default, too, is loaded by this parser.
