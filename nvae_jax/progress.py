@@ -23,8 +23,8 @@ Modes (``mode=`` or the ``NVAE_JAX_PROGRESS`` environment variable; explicit ``m
   is installed, a text bar otherwise;
 * ``log``: one line ``desc: n/total (p%) | r unit/s | ETA 1m05s | elapsed 20s | key value``
   when at least ``interval`` seconds (default 30, ``NVAE_JAX_PROGRESS_INTERVAL``) passed since
-  the last line, and a last line on ``close()`` if the loop lasted that long (loops shorter than
-  one interval stay silent); written to ``stream`` (default stderr, so scripts that print JSON
+  the last line, and a last line on ``close()`` if the loop lasted that long and the count moved
+  since the previous line (loops shorter than one interval stay silent); written to ``stream`` (default stderr, so scripts that print JSON
   on stdout keep it clean);
 * ``off``: nothing;
 * ``auto`` (default): ``bar`` inside a Jupyter kernel, ``log`` elsewhere.
@@ -111,6 +111,7 @@ class Progress:
     self._t0 = clock()
     self._first: tuple[int, float] | None = None
     self._last_line = self._t0
+    self._printed_n = 0  # the count shown by the last log line
     self._closed = False
     self._bar = None
     if self.mode == 'bar':
@@ -168,7 +169,7 @@ class Progress:
       self._bar.update(int(n))
     elif self.mode == 'log' and now - self._last_line >= self.interval:
       self._write(self.line())
-      self._last_line = now
+      self._last_line, self._printed_n = now, self.n
 
   def write(self, message: str) -> None:
     """A message that does not break the bar (``tqdm.write`` in bar mode)."""
@@ -184,7 +185,7 @@ class Progress:
     self._closed = True
     if self._bar is not None:
       self._bar.close()
-    elif (self.mode == 'log' and self._first is not None
+    elif (self.mode == 'log' and self._first is not None and self.n != self._printed_n
           and self.clock() - self._t0 >= self.interval):
       self._write(self.line())
 

@@ -50,7 +50,7 @@ def test_track_unknown_total_and_off_mode():
                              clock=clock)) == [0, 1, 2]
   lines = out.getvalue().splitlines()
   assert lines[-1] == 'runs: 3 | 0.5 it/s | elapsed 6s'   # no total: no ETA
-  assert len(lines) == 4                                    # interval 0: every update + close
+  assert len(lines) == 3                # interval 0: every update; close repeats no line
   short = io.StringIO()     # a loop shorter than one interval prints nothing
   list(progress.track(items(), desc='short', mode='log', interval=60, stream=short, clock=clock))
   assert short.getvalue() == ''
