@@ -99,11 +99,13 @@ def make_config(decoder: str) -> ml_collections.ConfigDict:
   return c
 
 
-results = {}
+results, tasks = {}, {}
 for label, decoder in DECODERS.items():
   print(f'--- {label} ({decoder})')
-  results[label] = loop.train_and_evaluate(make_config(decoder),
-                                           os.path.join(WORKDIR, decoder))
+  config = make_config(decoder)
+  tasks[label] = build_task(config)  # the ModelTask the loop trains; kept for sampling below
+  results[label] = loop.train_and_evaluate(config, os.path.join(WORKDIR, decoder),
+                                           task=tasks[label])
 
 # %% [markdown]
 # ## Test ELBO
@@ -137,8 +139,7 @@ test_batch = next(make_pipeline(make_config('gaussian_fixed').data, 'test', trai
 originals = test_batch['image'][:18]
 fig, axes = plt.subplots(2, len(results), figsize=(4 * len(results), 9.4), layout='constrained')
 for col, (label, result) in enumerate(results.items()):
-  config = make_config(DECODERS[label])
-  task = build_task(config)
+  task = tasks[label]
   variables = state_lib.variables_of(result['state'])
   recon = jax.jit(task.reconstruct)(variables, {'image': originals}, jax.random.key(1))
   samples = jax.jit(lambda v, k, task=task: task.sample(v, k, 36, 1.0))(variables,

@@ -107,7 +107,8 @@ print(json.dumps({k: description[k] for k in ('num_params', 'image_shape', 'late
 # final train state.
 
 # %%
-result = loop.train_and_evaluate(config, WORKDIR)
+task = build_task(config)  # the ModelTask the loop trains (config -> model, loss, evaluation)
+result = loop.train_and_evaluate(config, WORKDIR, task=task)
 history = loop.read_metrics(WORKDIR, 'train')
 report = result['eval']
 print(f'test: {report["nats_per_image"]:.2f} nats/image (negative ELBO, {report["num_examples"]} '
@@ -124,7 +125,6 @@ assert np.isfinite(report['nats_per_image'])
 # sampler serves every temperature.
 
 # %%
-task = build_task(config)
 variables = jax.device_get(state_lib.variables_of(result['state']))
 TEMPERATURES = (0.6, 0.8, 1.0)
 sample_fn = sampling.make_sample_fn(task, variables, 16)
