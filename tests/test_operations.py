@@ -117,6 +117,19 @@ def test_nvae_v1_checkpoint_migrates_to_today(v1_checkpoint, tmp_path):
   for a, b in zip(jax.tree.leaves(step_host(state)), jax.tree.leaves(step_host(restored))):
     np.testing.assert_array_equal(a, b)
 
+  # Unversioned (no meta item, as written before versions were recorded) in today's layout: it
+  # fits, so it is read as the current version and not migrated.
+  bare = ckpt_lib.Checkpointer(str(tmp_path / 'bare'), async_save=False)
+  bare.save(2, state, data_state=data_state, force=True)
+  bare.wait()
+  bare.close()
+  assert not os.path.exists(tmp_path / 'bare' / '2' / 'meta')
+  bare = ckpt_lib.Checkpointer(str(tmp_path / 'bare'), model='nvae')
+  restored, _, _ = bare.restore(abstract, 2)
+  bare.close()
+  for a, b in zip(jax.tree.leaves(step_host(state)), jax.tree.leaves(step_host(restored))):
+    np.testing.assert_array_equal(a, b)
+
 
 def step_host(state):
   return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x)) if jax.dtypes.issubdtype(

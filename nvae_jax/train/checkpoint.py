@@ -222,8 +222,9 @@ class Checkpointer:
         host = fn(host)
       problems = compare_structures(abstract_state, host)
       if problems:
+        guessed = '' if 'meta' in names else ' (it records no version: read as version 1)'
         raise self._mismatch(step, problems, f' after migrating its {model} layout version '
-                             f'{found} to {current}')
+                             f'{found}{guessed} to {current}')
       state = _place(abstract_state, host)
       _log.info('%s: migrated %s layout version %d -> %d', self._where(step), model, found,
                 current)
