@@ -5,15 +5,18 @@ The old-layout checkpoint (``tests/data/nvae_layout_v1/``) was written by the co
 df9ff56 (see its ``make_fixture.py``); the sigmas it must give come from that code too.
 """
 
+import atexit
 import importlib.util
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 import jax
 import numpy as np
@@ -97,7 +100,8 @@ def test_nvae_v1_checkpoint_migrates_to_today(v1_checkpoint, tmp_path):
   old = np.load(os.path.join(V1, 'old_spectral.npz'))
   kernels = traverse_util.unflatten_dict(
       {tuple(k[len('kernel:'):].split('/')): old[k] for k in old.files if k.startswith('kernel:')})
-  loss, _, sigmas = spectral.spectral_loss(kernels, state['model_state']['spectral'], 0)
+  loss, _, sigmas = jax.jit(lambda k, st: spectral.spectral_loss(k, st, 0))(
+      kernels, state['model_state']['spectral'])
   groups = spectral.conv_groups(kernels)
   assert sum(len(p) for p in groups.values()) == 26
   for key, paths in groups.items():
@@ -106,51 +110,74 @@ def test_nvae_v1_checkpoint_migrates_to_today(v1_checkpoint, tmp_path):
   assert float(loss) == pytest.approx(sum(float(old[k]) for k in old.files
                                           if k.startswith('sigma:')), rel=1e-5)
 
-  # Saved again, it is a version-2 checkpoint that restores without migration.
-  again = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False, model='nvae')
-  again.save(2, state, data_state=data_state, config=config, force=True)
-  again.wait()
-  restored, _, _ = again.restore(abstract, 2)
-  again.close()
-  with open(tmp_path / 'checkpoints' / '2' / 'meta' / 'metadata', encoding='utf-8') as f:
-    assert json.load(f) == {'model': 'nvae', 'layout_version': 2}
-  for a, b in zip(jax.tree.leaves(step_host(state)), jax.tree.leaves(step_host(restored))):
-    np.testing.assert_array_equal(a, b)
-
-  # Unversioned (no meta item, as written before versions were recorded) in today's layout: it
-  # fits, so it is read as the current version and not migrated.
-  bare = ckpt_lib.Checkpointer(str(tmp_path / 'bare'), async_save=False)
-  bare.save(2, state, data_state=data_state, force=True)
-  bare.wait()
-  bare.close()
-  assert not os.path.exists(tmp_path / 'bare' / '2' / 'meta')
-  bare = ckpt_lib.Checkpointer(str(tmp_path / 'bare'), model='nvae')
-  restored, _, _ = bare.restore(abstract, 2)
-  bare.close()
-  for a, b in zip(jax.tree.leaves(step_host(state)), jax.tree.leaves(step_host(restored))):
-    np.testing.assert_array_equal(a, b)
-
 
 def step_host(state):
   return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x)) if jax.dtypes.issubdtype(
       x.dtype, jax.dtypes.prng_key) else np.asarray(x), state)
 
 
-def test_newer_checkpoint_version_fails_naming_both_versions(v1_checkpoint, tmp_path):
-  directory, abstract, _ = v1_checkpoint
-  ckpt = ckpt_lib.Checkpointer(directory, model='nvae')
-  state, data_state, _ = ckpt.restore(abstract, 2)
+_FAMILY = 'test_layout_family'  # version 1: params {'w_old'}; version 2: params {'w'} (x 2)
+
+
+@migrations.register_migration(_FAMILY, from_version=1)
+def _family_1_to_2(state):
+  params = dict(state['params'])
+  return dict(state, params={'w': params.pop('w_old') * 2})
+
+
+def _family_save(directory, params, *, model, meta=None):
+  ckpt = ckpt_lib.Checkpointer(directory, async_save=False, model=model)
+  state = {'step': np.int32(1), 'params': {k: np.asarray(v, np.float32) for k, v in params.items()}}
+  ckpt.save(1, state, data_state={'step': 1}, force=True)
   ckpt.close()
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False, model='nvae')
-  ckpt.save(2, state, data_state=data_state, force=True)
-  ckpt.wait()
-  with open(tmp_path / '2' / 'meta' / 'metadata', 'w', encoding='utf-8') as f:
-    json.dump({'model': 'nvae', 'layout_version': 7}, f)
+  if meta is not None:
+    with open(os.path.join(directory, '1', 'meta', 'metadata'), 'w', encoding='utf-8') as f:
+      json.dump(meta, f)
+
+
+def _family_restore(directory):
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {'step': jax.ShapeDtypeStruct((), np.int32, sharding=sharding),
+              'params': {'w': jax.ShapeDtypeStruct((3,), np.float32, sharding=sharding)}}
+  ckpt = ckpt_lib.Checkpointer(directory, model=_FAMILY)
+  try:
+    state, _, _ = ckpt.restore(abstract, 1)
+  finally:
+    ckpt.close()
+  return np.asarray(state['params']['w'])
+
+
+def test_layout_versions_are_recorded_detected_and_checked(tmp_path):
+  assert migrations.current_version(_FAMILY) == 2
+  w = np.arange(3.0)
+  # Written today: the record says version 2, and it restores as it is.
+  _family_save(str(tmp_path / 'v2'), {'w': w}, model=_FAMILY)
+  with open(tmp_path / 'v2' / '1' / 'meta' / 'metadata', encoding='utf-8') as f:
+    assert json.load(f) == {'model': _FAMILY, 'layout_version': 2}
+  np.testing.assert_array_equal(_family_restore(str(tmp_path / 'v2')), w)
+  # Recorded as version 1: migrated.
+  _family_save(str(tmp_path / 'v1'), {'w_old': w}, model=_FAMILY,
+               meta={'model': _FAMILY, 'layout_version': 1})
+  np.testing.assert_array_equal(_family_restore(str(tmp_path / 'v1')), 2 * w)
+  # No record (written before versions were): today's layout as it is, another one from 1.
+  _family_save(str(tmp_path / 'bare2'), {'w': w}, model=None)
+  assert not os.path.exists(tmp_path / 'bare2' / '1' / 'meta')
+  np.testing.assert_array_equal(_family_restore(str(tmp_path / 'bare2')), w)
+  _family_save(str(tmp_path / 'bare1'), {'w_old': w}, model=None)
+  np.testing.assert_array_equal(_family_restore(str(tmp_path / 'bare1')), 2 * w)
+  # Newer than this code: fails naming both versions, and reads nothing.
+  _family_save(str(tmp_path / 'v7'), {'w': w}, model=_FAMILY,
+               meta={'model': _FAMILY, 'layout_version': 7})
   with pytest.raises(errors.CheckpointVersionError,
-                     match=r'nvae train-state layout version 7, but this nvae_jax writes version '
-                           r'2.*register a migration 7 -> 2'):
-    ckpt.restore(abstract, 2)
-  ckpt.close()
+                     match=r'test_layout_family train-state layout version 7, but this nvae_jax '
+                           r'writes version 2.*register a migration 7 -> 2'):
+    _family_restore(str(tmp_path / 'v7'))
+  # A migrated state that still does not fit names the entries.
+  _family_save(str(tmp_path / 'odd'), {'w_old': np.arange(4.0)}, model=_FAMILY,
+               meta={'model': _FAMILY, 'layout_version': 1})
+  with pytest.raises(errors.CheckpointMismatchError,
+                     match=r'after migrating its test_layout_family layout version 1 to 2'):
+    _family_restore(str(tmp_path / 'odd'))
 
 
 def test_missing_migration_step_is_named():
@@ -309,7 +336,9 @@ def _assert_same_run(reference, workdir):
 def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identically(long_reference,
                                                                           tmp_path):
   workdir = str(tmp_path)
-  out = _run_until(_start_child(workdir), 12, signal.SIGTERM)
+  proc = _start_child(workdir)
+  out = _run_until(proc, 12, signal.SIGTERM)
+  assert proc.returncode == errors.PREEMPTED_EXIT == 75, out[-3000:]
   m = re.search(r'Stopped by SIGTERM after step (\d+): checkpoint (\S+) written', out)
   assert m, out[-3000:]
   stopped = int(m.group(1))
@@ -324,12 +353,45 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identically(long_r
   _assert_same_run(long_reference, workdir)
 
 
-def test_preempted_exit_status(long_reference, tmp_path):
-  """The status that launch/slurm_gpu.sbatch turns into a requeue (checked on the first child)."""
-  proc = _start_child(str(tmp_path))
-  out = _run_until(proc, 3, signal.SIGINT)
-  assert proc.returncode == errors.PREEMPTED_EXIT == 75, out[-3000:]
-  assert 'Stopped by SIGINT' in out
+def test_sigint_in_process_stops_after_the_step_and_resumes(long_reference, tmp_path):
+  """Ctrl-C in a notebook: the in-process API returns {'preempted': 'SIGINT'} after
+  checkpointing the step, and the next call resumes bit-identically."""
+  from nvae_jax.data import make_pipeline  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train import loop  # pylint: disable=import-outside-toplevel
+
+  class Interrupting:
+    """The train pipeline, sending this process SIGINT when it gives its 8th batch."""
+
+    def __init__(self, pipe):
+      self.pipe, self.drawn = pipe, 0
+
+    def __next__(self):
+      self.drawn += 1
+      if self.drawn == 8:  # the batch of the 8th step: it finishes, then the run stops
+        os.kill(os.getpid(), signal.SIGINT)
+      return next(self.pipe)
+
+    def get_state(self):
+      return self.pipe.get_state()
+
+    def set_state(self, state):
+      self.pipe.set_state(state)
+
+  def interrupting_pipeline(*args, train, **kwargs):
+    pipe = make_pipeline(*args, train=train, **kwargs)
+    return Interrupting(pipe) if train else pipe
+
+  workdir = str(tmp_path)
+  result = loop.train_and_evaluate(_tiny_config('long'), workdir,
+                                   pipeline_fn=interrupting_pipeline)
+  assert result['preempted'] == 'SIGINT' and result['step'] == 8
+  ckpt = ckpt_lib.Checkpointer(build.checkpoint_dir(workdir))
+  assert ckpt.latest_step() == result['step']
+  ckpt.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+  final = loop.train_and_evaluate(_tiny_config('long'), workdir)
+  assert final['step'] == LONG_STEPS and 'preempted' not in final
+  _assert_same_run(long_reference, workdir)
 
 
 def test_sigkill_at_random_steps_then_resume(long_reference, tmp_path):
@@ -407,9 +469,19 @@ def _png_folder(folder, corrupt):
   return str(folder)
 
 
+_TRAINED = {}
+
+
 def _trained_tiny(workdir):
-  from nvae_jax import main as main_lib  # pylint: disable=import-outside-toplevel
-  main_lib.main(['nvae-jax', *TINY, f'--workdir={workdir}'])
+  """A copy, at ``workdir``, of a workdir trained with TINY (trained once per test process)."""
+  if 'dir' not in _TRAINED:
+    from nvae_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+    base = tempfile.mkdtemp(prefix='nvae_jax_trained_')
+    atexit.register(shutil.rmtree, base, True)
+    _TRAINED['dir'] = os.path.join(base, 'w')
+    main_lib.main(['nvae-jax', *TINY, f'--workdir={_TRAINED["dir"]}'])
+  shutil.copytree(_TRAINED['dir'], workdir)
+  return str(workdir)
 
 
 # (name, argv after the program name given tmp_path, the kind in the message, a pattern it has).
@@ -473,10 +545,10 @@ USER_ERRORS = [
                                    '--config.data.image_size=30'],
      'config', r'data\.image_size: expected .* multiples of \d+ = 2\^model\.num_levels'),
     ('resume with another architecture', lambda t: [
-        *TINY_BASE, '--config.model.channels=(4, 8, 16)', f'--workdir={_trained_tiny(t / "a") or t / "a"}'],
+        *TINY_BASE, '--config.model.channels=(4, 8, 16)', f'--workdir={_trained_tiny(t / "a")}'],
      'checkpoint', r'does not fit the model .*shape mismatch'),
     ('resume with another decoder', lambda t: [
-        *TINY, '--config.model.decoder=gaussian_shared', f'--workdir={_trained_tiny(t / "d") or t / "d"}'],
+        *TINY, '--config.model.decoder=gaussian_shared', f'--workdir={_trained_tiny(t / "d")}'],
      'checkpoint', r'does not fit the model'),
     ('exploding learning rate', lambda t: [
         *TINY, '--config.optim.lr=1e30', '--config.optim.warmup_steps=0',
