@@ -92,6 +92,29 @@ def _to_host(tree):
   return jax.tree.map(leaf, tree)
 
 
+def _replicated_target(stored_tree, abstract_state):
+  """A restore target for the stored (old-layout) tree: every array whole on every device of the
+  new target's mesh, so that a checkpoint of any topology can be read for migration; PRNG keys
+  at paths the target shares take the target's leaf."""
+  leaves = jax.tree.leaves(abstract_state)
+  shardings = [getattr(x, 'sharding', None) for x in leaves]
+  named = [s for s in shardings if isinstance(s, jax.sharding.NamedSharding)]
+  if named:
+    replicated = jax.sharding.NamedSharding(named[0].mesh, jax.sharding.PartitionSpec())
+  else:
+    replicated = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  keys = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+          if _is_key(x)}
+
+  def leaf(path, meta):
+    name = _path_str(path)
+    if name in keys:
+      return keys[name]
+    return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=replicated)
+
+  return jax.tree_util.tree_map_with_path(leaf, stored_tree)
+
+
 def _place(abstract_state, host_tree):
   """Host arrays (matched by path) -> the target's dtypes, shardings and typed keys."""
   stored = {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(host_tree)[0]}
@@ -215,7 +238,7 @@ class Checkpointer:
       state = r.state
     else:
       path = migrations.migration_path(model, found, self._where(step))  # fails before reading
-      items['state'] = ocp.args.StandardRestore()
+      items['state'] = ocp.args.StandardRestore(_replicated_target(stored_tree, abstract_state))
       r = self._mngr.restore(step, args=ocp.args.Composite(**items))
       host = _to_host(r.state)
       for fn in path:
