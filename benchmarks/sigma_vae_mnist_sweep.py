@@ -166,10 +166,12 @@ def _decoder_sigma(workdir: str, decoder: str, log_sigma_min: float) -> float | 
 def check_same_parameter_trees(overrides_a: dict, overrides_b: dict, batch_size: int) -> None:
   """Raises unless the two ``conv_vae`` configs give identical abstract train states."""
   # pylint: disable=import-outside-toplevel
+  import importlib.util
   import jax
-  sys.path.insert(0, ROOT)
-  from configs import sigma_vae_mnist
   from nvae_jax.train import build
+  spec = importlib.util.spec_from_file_location('sigma_vae_mnist', os.path.join(ROOT, CONFIG))
+  sigma_vae_mnist = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sigma_vae_mnist)
 
   def abstract(overrides):
     c = sigma_vae_mnist.get_config('gaussian_fixed')
