@@ -307,3 +307,24 @@ print(c.data.name, torch_checkpoint.config_from_args(args).data.name)
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split() == ['celeb_a', 'cifar10']
+
+
+def test_converted_config_py_fills_fields_added_since(tmp_path):
+  """A converted workdir's config.py reads config.json over base_config(): a config.json saved
+  before sample.output_mode/output_temperature/readjust_bn_momentum existed still validates."""
+  args = _fixture_args('mnist_tiny_s0')
+  saved = json.loads(tc.config_from_args(args).copy_and_resolve_references().to_json())
+  for field in ('output_mode', 'output_temperature', 'readjust_bn_momentum'):
+    del saved['sample'][field]
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  (tmp_path / 'config.py').write_text(tc._CONFIG_PY % dict(dir=tmp_path))  # pylint: disable=protected-access
+  spec = importlib.util.spec_from_file_location('converted', tmp_path / 'config.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  config_validation.validate(c)
+  assert (c.sample.output_mode, c.sample.readjust_bn_momentum) == ('auto', 0.05)
+  assert c.model.to_dict() == saved['model'] and c.data.name == 'mnist'
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  with pytest.raises(config_validation.ConfigError, match=r'sample\.output_\w+: .*with_defaults'):
+    config_validation.validate(ml_collections.ConfigDict(saved))

@@ -77,3 +77,18 @@ def base_config() -> ml_collections.ConfigDict:
       num=64, temperature=1.0, output_temperature=1.0, output_mode='auto',
       readjust_bn_steps=500, readjust_bn_batch=16, readjust_bn_momentum=0.05))
   return c
+
+
+def with_defaults(stored) -> ml_collections.ConfigDict:
+  """A saved config (a dict or ConfigDict, e.g. the ``config.json`` of a converted workdir) over
+  ``base_config()``: fields added to the schema after it was saved take their defaults, so an
+  older saved config keeps validating.  ``model`` belongs to the model family and is kept as is.
+  """
+  stored = stored.to_dict() if isinstance(stored, ml_collections.ConfigDict) else dict(stored)
+  c = base_config()
+  for section, values in stored.items():
+    if section != 'model' and section in c and isinstance(values, dict):
+      c[section].update(values)
+    else:
+      c[section] = ml_collections.ConfigDict(values) if isinstance(values, dict) else values
+  return c

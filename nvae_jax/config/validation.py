@@ -43,8 +43,10 @@ def _check_schema(config) -> None:
                        f'{sorted(ref_val.keys())} (found unknown fields {unknown})')
     missing = sorted(set(ref_val.keys()) - set(val.keys()))
     if missing:
-      _fail(f'{section}.{missing[0]}', 'a value (start configs from nvae_jax.config.base_config())',
-            None)
+      _fail(f'{section}.{missing[0]}',
+            'a value (start configs from nvae_jax.config.base_config(); a config saved by an '
+            'older nvae_jax, e.g. the config.json of a converted workdir, gets the defaults of '
+            'newer fields from nvae_jax.config.schema.with_defaults)', None)
     for key in ref_val.keys():
       _check_type(f'{section}.{key}', ref_val[key], val[key])
 

@@ -104,13 +104,13 @@ Written by nvae_jax.convert.torch_checkpoint; the values are in config.json next
 import json
 import os
 
-import ml_collections
+from nvae_jax.config.schema import with_defaults
 
 
 def get_config(arg=None):
   del arg
   with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.json')) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return with_defaults(json.load(f))  # fields added to nvae_jax since keep their defaults
 '''
 
 
