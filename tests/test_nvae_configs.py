@@ -276,6 +276,7 @@ def test_check_reference_loads_a_celeba64_fixture(tmp_path):
 
 def test_published_configs_come_from_the_library():
   """configs/nvae_<name>.py is nvae_jax.config.nvae.published_config('<name>', arg)."""
+  assert sorted(ok.PUBLISHED) == sorted(nvae_base.PUBLISHED)
   for name in nvae_base.PUBLISHED:
     module = importlib.import_module(f'configs.nvae_{name}')
     for arg in (None, 'small'):
