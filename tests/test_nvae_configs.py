@@ -329,3 +329,16 @@ def test_converted_config_py_fills_fields_added_since(tmp_path):
   import ml_collections  # pylint: disable=import-outside-toplevel
   with pytest.raises(config_validation.ConfigError, match=r'sample\.output_\w+: .*with_defaults'):
     config_validation.validate(ml_collections.ConfigDict(saved))
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('output_mode', 'median', r"sample\.output_mode: expected one of \('auto', 'sample', 'mean'\), "
+                              r"got 'median'"),
+    ('output_temperature', -0.5, r'sample\.output_temperature: expected a finite temperature >= 0'),
+    ('readjust_bn_momentum', 1.5, r'sample\.readjust_bn_momentum: expected a value in \[0, 1\]'),
+])
+def test_sample_options_are_validated(field, value, match):
+  c = nvae_base.published_config('mnist', 'small')
+  c.sample[field] = value
+  with pytest.raises(config_validation.ConfigError, match=match):
+    config_validation.validate(c)
