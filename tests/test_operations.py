@@ -333,26 +333,6 @@ def _assert_same_run(reference, workdir):
       assert r['loss'] == ref[(r['step'], 'train')]['loss'], r['step']
 
 
-def test_sigterm_checkpoints_the_current_step_and_resumes_bit_identically(long_reference,
-                                                                          tmp_path):
-  workdir = str(tmp_path)
-  proc = _start_child(workdir)
-  out = _run_until(proc, 12, signal.SIGTERM)
-  assert proc.returncode == errors.PREEMPTED_EXIT == 75, out[-3000:]
-  m = re.search(r'Stopped by SIGTERM after step (\d+): checkpoint (\S+) written', out)
-  assert m, out[-3000:]
-  stopped = int(m.group(1))
-  assert 12 <= stopped < LONG_STEPS
-  ckpt = ckpt_lib.Checkpointer(build.checkpoint_dir(workdir))
-  assert ckpt.latest_step() == stopped  # nothing lost
-  ckpt.close()
-  proc = _start_child(workdir)
-  out2 = proc.communicate(timeout=300)[0]
-  assert proc.returncode == 0, out2[-3000:]
-  assert f'Resumed from {build.checkpoint_dir(workdir)}/{stopped}.' in out2
-  _assert_same_run(long_reference, workdir)
-
-
 def test_sigint_in_process_stops_after_the_step_and_resumes(long_reference, tmp_path):
   """Ctrl-C in a notebook: the in-process API returns {'preempted': 'SIGINT'} after
   checkpointing the step, and the next call resumes bit-identically."""
@@ -409,27 +389,68 @@ def test_sigkill_at_random_steps_then_resume(long_reference, tmp_path):
   _assert_same_run(long_reference, workdir)
 
 
-def test_slurm_script_requeues_a_preempted_run(tmp_path):
-  """launch/slurm_gpu.sbatch with stand-ins for srun and scontrol: SIGTERM to the batch shell
-  reaches the training process, which checkpoints and exits 75; the script requeues the job."""
+def _sbatch(tmp_path, workdir):
+  """launch/slurm_gpu.sbatch run by bash, with stand-ins for srun (runs the command) and scontrol
+  (records its arguments in scontrol.txt)."""
   bin_dir = tmp_path / 'bin'
-  bin_dir.mkdir()
-  (bin_dir / 'srun').write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
-  (bin_dir / 'scontrol').write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/scontrol.txt\n')
-  for name in ('srun', 'scontrol'):
-    os.chmod(bin_dir / name, 0o755)
-  workdir = str(tmp_path / 'work')
+  if not bin_dir.exists():
+    bin_dir.mkdir()
+    (bin_dir / 'srun').write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / 'scontrol').write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/scontrol.txt\n')
+    for name in ('srun', 'scontrol'):
+      os.chmod(bin_dir / name, 0o755)
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', PYTHON=sys.executable,
-             PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_JOB_ID='4242',
-             NVAE_JAX_DISTRIBUTED='0')
-  proc = subprocess.Popen(
+             PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_JOB_ID='4242')
+  return subprocess.Popen(
       ['bash', os.path.join(ROOT, 'launch', 'slurm_gpu.sbatch'), f'--config={TINY_CONFIG}:long',
        f'--workdir={workdir}', '--nodistributed'], cwd=ROOT, env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True)
-  out = _run_until(proc, 3, signal.SIGTERM)
+
+
+def test_sigterm_checkpoints_the_step_requeues_and_resumes_bit_identically(long_reference,
+                                                                            tmp_path):
+  """SIGTERM to the SLURM batch shell mid-training: the training process finishes its step,
+  checkpoints it and exits 75, which the script turns into `scontrol requeue`; the requeued job
+  resumes from that step and ends bit-identical to an uninterrupted run."""
+  workdir = str(tmp_path / 'work')
+  proc = _sbatch(tmp_path, workdir)
+  out = _run_until(proc, 12, signal.SIGTERM)
   assert proc.returncode == 0, out[-3000:]
-  assert 'Stopped by SIGTERM after step' in out and 'requeueing job 4242' in out
+  m = re.search(r'Stopped by SIGTERM after step (\d+): checkpoint (\S+) written', out)
+  assert m and 'requeueing job 4242' in out, out[-3000:]
   assert (tmp_path / 'scontrol.txt').read_text().split() == ['requeue', '4242']
+  stopped = int(m.group(1))
+  assert 12 <= stopped < LONG_STEPS
+  ckpt = ckpt_lib.Checkpointer(build.checkpoint_dir(workdir))
+  assert ckpt.latest_step() == stopped  # nothing lost
+  ckpt.close()
+
+  os.remove(tmp_path / 'scontrol.txt')
+  proc = _sbatch(tmp_path, workdir)  # the requeued job
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert f'Resumed from {build.checkpoint_dir(workdir)}/{stopped}.' in out
+  assert not (tmp_path / 'scontrol.txt').exists()  # finished: not requeued
+  _assert_same_run(long_reference, workdir)
+
+
+def test_preempted_status_is_75(tmp_path, monkeypatch):
+  """nvae-jax itself exits 75 when a stop signal ended training (the script above requeues on
+  it); the signal is stood in for by a request that fires at the first step."""
+  from nvae_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train import preemption  # pylint: disable=import-outside-toplevel
+
+  def fire(self):
+    self.signal_name = 'SIGTERM'
+    return True
+
+  monkeypatch.setattr(preemption.StopRequest, 'requested', fire)
+  with pytest.raises(SystemExit) as e:
+    main_lib.run(['nvae-jax', f'--config={TINY_CONFIG}:long', f'--workdir={tmp_path}'])
+  assert e.value.code == errors.PREEMPTED_EXIT == 75
+  ckpt = ckpt_lib.Checkpointer(build.checkpoint_dir(str(tmp_path)))
+  assert ckpt.all_steps() == [1]
+  ckpt.close()
 
 
 # ------------------------------------------------------------ one line and exit 2 for user errors
