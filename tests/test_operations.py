@@ -333,6 +333,24 @@ def _assert_same_run(reference, workdir):
       assert r['loss'] == ref[(r['step'], 'train')]['loss'], r['step']
 
 
+def test_metrics_of_a_killed_run(tmp_path):
+  """A kill while writing leaves a partial last line: read_metrics skips it, and the next start
+  drops it together with the records after the restored checkpoint."""
+  from nvae_jax.train import loop  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "split": "train", "loss": 3.0}\n'
+                  '{"step": 2, "split": "train", "loss": 2.0}\n'
+                  '{"step": 2, "split": "eval", "nelbo": 9.0}\n'
+                  '{"step": 3, "split": "train", "loss": 1.0}\n{"step": 4, "spl')
+  assert [r['step'] for r in loop.read_metrics(str(tmp_path))] == [1, 2, 3]
+  writer = loop.MetricWriter(str(tmp_path))
+  writer.start_at(2)  # restored from the checkpoint of step 2
+  writer.write(3, 'train', {'loss': 1.5})
+  writer.close()
+  assert [(r['step'], r['split'], r.get('loss')) for r in map(json.loads, path.open())] == [
+      (1, 'train', 3.0), (2, 'train', 2.0), (2, 'eval', None), (3, 'train', 1.5)]
+
+
 def test_sigint_in_process_stops_after_the_step_and_resumes(long_reference, tmp_path):
   """Ctrl-C in a notebook: the in-process API returns {'preempted': 'SIGINT'} after
   checkpointing the step, and the next call resumes bit-identically."""

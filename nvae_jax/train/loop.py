@@ -183,7 +183,10 @@ def read_metrics(workdir: str, split: str = 'train') -> list[dict[str, Any]]:
   if not os.path.exists(path):
     raise FileNotFoundError(f'workdir: no metrics.jsonl in {workdir}; train first')
   with open(path, encoding='utf-8') as f:
-    records = [json.loads(line) for line in f if line.strip()]
+    lines = f.readlines()
+  if lines and not lines[-1].endswith('\n'):  # a run killed while writing it: incomplete
+    lines = lines[:-1]
+  records = [json.loads(line) for line in lines if line.strip()]
   return [r for r in records if r.get('split') == split]
 
 
