@@ -254,11 +254,12 @@ def test_damaged_latest_checkpoint_falls_back(tiny_uninterrupted, tmp_path, capf
           _truncate(os.path.join(root, name))
   capfd.readouterr()
 
-  # Evaluation (and sampling) use the newest readable checkpoint, and keep the damaged one.
-  config = _tiny_config()
-  run = build.build(config)
-  _, _, step, _ = build.restore_latest(run, workdir, (8, 8, 1), 16)
-  assert step == 3
+  # nvae-jax --mode=eval (and sample, through the same restore) uses the newest readable
+  # checkpoint, and keeps the damaged one.
+  from nvae_jax import main as main_lib  # pylint: disable=import-outside-toplevel
+  report = main_lib.main(['nvae-jax', f'--config={TINY_CONFIG}', f'--workdir={workdir}',
+                          '--mode=eval'])
+  assert report['step'] == 3
   err = capfd.readouterr().err
   assert f'warning: checkpoint {step6} cannot be read' in err and 'it is kept' in err
   assert os.path.isdir(step6)
