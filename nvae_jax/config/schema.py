@@ -3,6 +3,9 @@
 Field reference (the platform validates these before any compilation):
 
 * ``seed``: int, the root of every random stream (init, data order, noise).
+* ``compile_cache``: where JAX's persistent compilation cache lives: ``'auto'`` (the default:
+  ``$NVAE_JAX_COMPILE_CACHE``, else ``$JAX_COMPILATION_CACHE_DIR``, else
+  ``~/.cache/nvae_jax/jax_cache``), ``'off'``, or a directory (``nvae_jax.compile_cache``).
 * ``data``: ``name`` (TFDS name such as ``mnist``/``cifar10``/``celeb_a``/
   ``downsampled_imagenet/32x32``, or ``digits`` (scikit-learn, offline), ``folder``, ``npz``),
   ``data_dir`` (TFDS data_dir, or the folder / npz path for local sources), ``download`` (False
@@ -50,6 +53,7 @@ SAMPLE_OUTPUT_MODES = ('auto', 'sample', 'mean')
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.compile_cache = 'auto'
 
   c.data = ml_collections.ConfigDict(dict(
       name='mnist', data_dir='', download=False, train_split='train', eval_split='test',
