@@ -342,3 +342,82 @@ def test_task_config_errors():
     jax.eval_shape(lambda: task.model((16, 16, 1)).init(
         {'params': jax.random.key(0), 'sample': jax.random.key(1)}, jnp.zeros((2, 16, 16, 3)),
         True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host (numpy) initialisation against flax's own initialisers.
+
+def _check_init_family(params, kernels, where):
+  """Uniform(+-1/sqrt(fan_in)) weights and biases, BN ones/zeros, and g = log(||W M|| + 0.01)
+  + log(scale) with the mask M read off the effective kernel's zero pattern (flax's ``kernels``)
+  and scale 0.1 for the AR cells' ``mu`` convs."""
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  flat = traverse_util.flatten_dict(params)
+  kernels = traverse_util.flatten_dict(kernels)
+  for path, v in flat.items():
+    v = np.asarray(v)
+    mod = path[:-1]
+    if path[-1] == 'kernel' and v.size >= 64:
+      bound = 1 / np.sqrt(np.prod(v.shape[:-1]))
+      assert np.abs(v).max() <= bound and np.abs(v).max() > 0.8 * bound, (where, path)
+      assert abs(v.mean()) < 0.25 * bound, (where, path)
+    elif path[-1] == 'bias' and mod + ('kernel',) in flat:
+      bound = 1 / np.sqrt(np.prod(flat[mod + ('kernel',)].shape[:-1]))
+      assert np.abs(v).max() <= bound, (where, path)
+    elif path[-1] == 'scale':
+      np.testing.assert_array_equal(v, 1.0)
+    elif path[-1] == 'bias':
+      np.testing.assert_array_equal(v, 0.0)
+    elif path[-1] == 'log_weight_norm':
+      mask = np.asarray(kernels[mod + ('kernel',)]) != 0
+      w = np.asarray(flat[mod + ('kernel',)], np.float64) * mask
+      scale = 0.1 if mod[-1] == 'mu' else 1.0
+      expected = np.log(np.sqrt(np.sum(w * w, axis=(0, 1, 2))) + 0.01) + np.log(scale)
+      np.testing.assert_allclose(v, expected, rtol=1e-5, atol=1e-6, err_msg=str((where, path)))
+
+
+@pytest.mark.parametrize('module,shape', [
+    (nvnn.PairedARCell(depthwise_impl='shift'), (2, 6, 6, 4)),
+    (nvnn.ResBNSwishCell(8, stride=2), (2, 6, 6, 4)),
+    (nvnn.MBConvCell(4, 3, upsample=True, depthwise_impl='shift'), (2, 4, 4, 8)),
+])
+def test_host_init_has_the_flax_init_distributions(module, shape):
+  from flax import traverse_util  # pylint: disable=import-outside-toplevel
+  from nvae_jax.nn import host_init  # pylint: disable=import-outside-toplevel
+  x = jnp.zeros(shape)
+  args = (module, x, True) if not isinstance(module, nvnn.PairedARCell) else (module, x)
+  init = lambda key, x: args[0].init(key, x, *args[2:])  # noqa: E731
+  ref = jax.jit(init)(jax.random.key(0), x)
+  cols = ('params', 'batch_stats') if 'batch_stats' in ref else ('params',)
+  host, abstract = host_init.initialise(init, 7, cols, jax.random.key(0), x)
+  for col in cols:
+    ref_flat = traverse_util.flatten_dict(ref[col])
+    host_flat = traverse_util.flatten_dict(host[col])
+    assert sorted(ref_flat) == sorted(host_flat)
+    for path, v in ref_flat.items():
+      assert host_flat[path].shape == v.shape and host_flat[path].dtype == v.dtype, path
+  if 'batch_stats' in host:
+    for path, v in traverse_util.flatten_dict(host['batch_stats']).items():
+      np.testing.assert_array_equal(v, 0.0 if path[-1] == 'mean' else 1.0)
+  _check_init_family(ref['params'], ref['conv_kernels'], 'flax')   # the check itself is right
+  _check_init_family(host['params'], ref['conv_kernels'], 'host')
+  again, _ = host_init.initialise(init, 7, cols, jax.random.key(0), x)
+  other, _ = host_init.initialise(init, 8, cols, jax.random.key(0), x)
+  leaves = [np.asarray(a) for a in jax.tree.leaves(host['params'])]
+  assert all(np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(again['params'])))
+  assert not all(np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(other['params'])))
+
+
+def test_task_init_host_matches_the_init_tree():
+  from nvae_jax.models import build_task  # pylint: disable=import-outside-toplevel
+  task = build_task(_tiny_config())
+  spec = {'image': jax.ShapeDtypeStruct((2, 16, 16, 1), jnp.float32)}
+  abstract = jax.eval_shape(task.init, jax.random.key(0), spec)
+  host = task.init_host(0, spec)
+  assert jax.tree.structure(abstract) == jax.tree.structure(host)
+  for a, h in zip(jax.tree.leaves(abstract), jax.tree.leaves(host)):
+    assert a.shape == h.shape and a.dtype == h.dtype
+  for key, u in host['spectral']['u'].items():
+    np.testing.assert_allclose(np.linalg.norm(u, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(host['spectral']['v'][key], axis=-1), 1.0,
+                               rtol=1e-5)

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 
 from nvae_jax.distributions import _common
 from nvae_jax.distributions.softclip import check_bounds, softclip
+from nvae_jax.nn import host_init
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _MSE_FLOOR = 1e-12  # keeps log(MSE) and its gradient finite when a batch is reconstructed exactly
@@ -146,7 +147,7 @@ class GaussianShared(_ScalarSigmaGaussian):
 
   def setup(self):
     check_bounds(self.name_for_errors, self.log_sigma_min, self.log_sigma_max)
-    self.raw_log_sigma = self.param('log_sigma', nn.initializers.zeros_init(), (), jnp.float32)
+    self.raw_log_sigma = host_init.param(self, 'log_sigma', host_init.Constant(0.0), ())
 
   def _log_sigma(self):
     return softclip(self.raw_log_sigma, self.log_sigma_min, self.log_sigma_max)
@@ -182,9 +183,9 @@ class GaussianOptimal(_SigmoidMeanGaussian):
                        f'{self.eval_sigma!r}')
     if not 0.0 <= self.momentum < 1.0:
       raise ValueError(f'{self.name_for_errors}: momentum must be in [0, 1), got {self.momentum}')
-    zero = lambda: jnp.zeros((), jnp.float32)
-    self.mse_avg = self.variable('batch_stats', 'mse_avg', zero)
-    self.avg_weight = self.variable('batch_stats', 'avg_weight', zero)
+    zero = host_init.Constant(0.0)
+    self.mse_avg = host_init.variable(self, 'batch_stats', 'mse_avg', zero, ())
+    self.avg_weight = host_init.variable(self, 'batch_stats', 'avg_weight', zero, ())
 
   def running_mse(self) -> jax.Array:
     """The debiased running average of the batch MSE (1 before the first training update)."""

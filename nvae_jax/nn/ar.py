@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nvae_jax.nn import host_init
 from nvae_jax.nn.activations import elu
 from nvae_jax.nn.conv import (conv2d, initial_log_weight_norm, record_kernel, torch_uniform_init,
                               weight_normalize)
@@ -97,21 +98,22 @@ class ARConv2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c_in, k = x.shape[-1], self.kernel_size
-    mask = jnp.asarray(ar_conv_mask(k, c_in, self.features, self.groups, self.zero_diag,
-                                    self.mirror))
+    mask_np = ar_conv_mask(k, c_in, self.features, self.groups, self.zero_diag, self.mirror)
+    mask = jnp.asarray(mask_np)
     fan_in = c_in // self.groups * k * k
-    kernel = self.param('kernel', torch_uniform_init(fan_in),
-                        (k, k, c_in // self.groups, self.features), jnp.float32)
-    g = self.param('log_weight_norm',
-                   lambda _, shape: initial_log_weight_norm(kernel * mask,
-                                                            self.weight_init_scale),
-                   (self.features,))
+    kernel = host_init.param(self, 'kernel', torch_uniform_init(fan_in),
+                             (k, k, c_in // self.groups, self.features))
+    g = host_init.param(
+        self, 'log_weight_norm', host_init.LogWeightNorm(mask_np, self.weight_init_scale),
+        (self.features,),
+        jax_init=lambda _, shape, dtype: initial_log_weight_norm(kernel * mask,
+                                                                 self.weight_init_scale))
     w = weight_normalize(kernel * mask, g)
     record_kernel(self, w)
     y = conv2d(x.astype(self.dtype), w.astype(self.dtype), padding=(k - 1) // 2,
                groups=self.groups, depthwise_impl=self.depthwise_impl)
     if self.use_bias:
-      bias = self.param('bias', torch_uniform_init(fan_in), (self.features,), jnp.float32)
+      bias = host_init.param(self, 'bias', torch_uniform_init(fan_in), (self.features,))
       y = y + bias.astype(self.dtype)
     return y
 

@@ -24,6 +24,7 @@ about 3x faster forward+backward on XLA:CPU where grouped convs are very slow).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,20 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from nvae_jax.nn import host_init
+
 #: Collection holding every conv's effective kernel (HWIO, float32) after a forward pass.
 CONV_KERNELS = 'conv_kernels'
 DEPTHWISE_IMPLS = ('lax', 'shift')
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def torch_uniform_init(fan_in: int):
+def torch_uniform_init(fan_in: int) -> host_init.Uniform:
   """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / np.sqrt(fan_in)
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+  bound = float(1.0 / np.sqrt(fan_in))
+  return host_init.Uniform(-bound, bound)
 
 
 def _safe_norm(w: jax.Array, axis) -> jax.Array:
@@ -149,12 +148,13 @@ class Conv2D(nn.Module):
       raise ValueError(f'{self.name}: groups={self.groups} must divide C_in={c_in} and '
                        f'features={self.features}')
     fan_in = c_in // self.groups * k * k
-    kernel = self.param('kernel', torch_uniform_init(fan_in),
-                        (k, k, c_in // self.groups, self.features), jnp.float32)
+    kernel = host_init.param(self, 'kernel', torch_uniform_init(fan_in),
+                             (k, k, c_in // self.groups, self.features))
     if self.weight_norm:
-      g = self.param('log_weight_norm',
-                     lambda _, shape: initial_log_weight_norm(kernel, self.weight_init_scale),
-                     (self.features,))
+      g = host_init.param(
+          self, 'log_weight_norm', host_init.LogWeightNorm(scale=self.weight_init_scale),
+          (self.features,),
+          jax_init=lambda _, shape, dtype: initial_log_weight_norm(kernel, self.weight_init_scale))
       kernel = weight_normalize(kernel, g)
     return kernel
 
@@ -168,6 +168,6 @@ class Conv2D(nn.Module):
                depthwise_impl=self.depthwise_impl)
     if self.use_bias:
       fan_in = c_in // self.groups * self.kernel_size ** 2
-      bias = self.param('bias', torch_uniform_init(fan_in), (self.features,), jnp.float32)
+      bias = host_init.param(self, 'bias', torch_uniform_init(fan_in), (self.features,))
       y = y + bias.astype(self.dtype)
     return y

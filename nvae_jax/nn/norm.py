@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nvae_jax.nn import host_init
+
 BN_MOMENTUM = 0.05
 BN_EPS = 1e-5
 
@@ -37,10 +39,10 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    scale = host_init.param(self, 'scale', host_init.Constant(1.0), (c,))
+    bias = host_init.param(self, 'bias', host_init.Constant(0.0), (c,))
+    ra_mean = host_init.variable(self, 'batch_stats', 'mean', host_init.Constant(0.0), (c,))
+    ra_var = host_init.variable(self, 'batch_stats', 'var', host_init.Constant(1.0), (c,))
     x32 = x.astype(jnp.float32)
     if train:
       axes = tuple(range(x.ndim - 1))

@@ -99,6 +99,19 @@ def init_spectral_state(conv_kernels: Mapping[str, Any], rng: jax.Array) -> dict
   return {'u': u, 'v': v, 'calls': jnp.zeros((), jnp.int32)}
 
 
+def init_spectral_state_host(conv_kernels: Mapping[str, Any],
+                             rng: np.random.Generator) -> dict[str, Any]:
+  """:func:`init_spectral_state` drawn in numpy (shapes of ``conv_kernels`` suffice)."""
+  u, v = {}, {}
+  for key, paths in sorted(conv_groups(conv_kernels).items()):
+    rows, cols = _sizes(key)
+    for name, size, out in (('u', rows, u), ('v', cols, v)):
+      a = rng.standard_normal((len(paths), size))
+      a = a / np.maximum(np.sqrt(np.sum(a * a, axis=-1, keepdims=True)), NORMALIZE_EPS)
+      out[key] = a.astype(np.float32)
+  return {'u': u, 'v': v, 'calls': np.zeros((), np.int32)}
+
+
 def power_iteration(mats: dict, u: dict, v: dict, num_iters) -> tuple[dict, dict]:
   """``num_iters`` steps v = normalize(u^T M), u = normalize(M v) on every group (no gradient).
 

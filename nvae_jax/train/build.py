@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from nvae_jax import errors
+from nvae_jax import compile_cache, errors
 from nvae_jax.config import validation as config_validation
 from nvae_jax.models import build_task
 from nvae_jax.train import checkpoint as ckpt_lib
@@ -37,9 +37,11 @@ class Run:
 
 
 def build(config, task=None) -> Run:
-  """Validates ``config`` (before any compilation) and builds the task, mesh and optimizer."""
+  """Validates ``config`` (before any compilation), switches on the persistent compilation cache
+  (``config.compile_cache``) and builds the task, mesh and optimizer."""
   config_validation.validate(config, num_devices=jax.device_count(),
                              num_processes=jax.process_count())
+  compile_cache.enable(config.get('compile_cache', 'auto'))
   task = _build_task(config) if task is None else task
   mesh = step_lib.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
@@ -100,7 +102,15 @@ def abstract_state(run: Run, spec) -> tuple[Any, Any]:
 
 
 def init_state(run: Run, global_batch, shardings):
-  """Initialises the train state on the mesh from a placed global batch (data-dependent init)."""
+  """Initialises the train state on the mesh for batches shaped like ``global_batch``.
+
+  Tasks with an ``init_host`` (NVAE) draw their variables in numpy, compiling nothing but the
+  optimizer's (tiny) initial state; others run their ``init`` under ``jax.jit``.
+  """
+  if hasattr(run.task, 'init_host'):
+    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), global_batch)
+    state = state_lib.init_train_state_host(run.task, run.tx, run.config.seed, spec)
+    return jax.device_put(state, shardings)
   init = functools.partial(state_lib.init_train_state, run.task, run.tx, run.config.seed)
   return jax.jit(init, in_shardings=(step_lib.batch_sharding(run.mesh),),
                  out_shardings=shardings)(global_batch)

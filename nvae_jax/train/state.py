@@ -51,6 +51,19 @@ def init_train_state(task, tx, seed: int, batch) -> TrainState:
               model_state=variables, rng=stream_key(seed, TRAIN_STREAM))
 
 
+def init_train_state_host(task, tx, seed: int, batch) -> TrainState:
+  """:func:`init_train_state` with the variables drawn on the host by ``task.init_host(seed,
+  batch)`` (tasks that have it, e.g. NVAE): no XLA compilation of the model's initialiser."""
+  variables = dict(task.init_host(seed, batch))
+  params = variables.pop('params')
+  expected = set(task.mutable_collections)
+  if set(variables) != expected:
+    raise ValueError(f'task.init_host: expected collections {sorted(expected)} besides "params" '
+                     f'(task.mutable_collections), found {sorted(variables)}')
+  return dict(step=np.zeros((), np.int32), params=params, opt_state=jax.jit(tx.init)(params),
+              model_state=variables, rng=stream_key(seed, TRAIN_STREAM))
+
+
 def variables_of(state: TrainState) -> dict[str, Any]:
   """The flax variable dict ``{'params': ..., **model_state}`` of a train state."""
   return {'params': state['params'], **state['model_state']}

@@ -61,14 +61,11 @@ from nvae_jax import policy
 from nvae_jax.distributions import make_output_distribution
 from nvae_jax.distributions.latent_normal import LatentNormal, split_params, top_prior
 from nvae_jax.models.nvae.plan import EXPANSION_DEC, EXPANSION_POST, NVAEArch
+from nvae_jax.nn import host_init
 from nvae_jax.nn.activations import elu
 from nvae_jax.nn.ar import PairedARCell
 from nvae_jax.nn.cells import DecCombiner, EncCombiner, MBConvCell, ResBNSwishCell
 from nvae_jax.nn.conv import DEPTHWISE_IMPLS, Conv2D
-
-
-def _uniform01(key, shape, dtype=jnp.float32):
-  return jax.random.uniform(key, shape, dtype)
 
 
 def _crop(a: jax.Array, c: int) -> jax.Array:
@@ -118,7 +115,7 @@ class NVAE(nn.Module):
       return mb_cell(c, ex, upsample=kind.startswith('up_'), use_se=a.use_se,
                      depthwise_impl=dw, dtype=dt)
 
-    self.prior_ftr0 = self.param('prior_ftr0', _uniform01, a.top_shape, jnp.float32)
+    self.prior_ftr0 = host_init.param(self, 'prior_ftr0', host_init.Uniform(0.0, 1.0), a.top_shape)
     self.stem = wn(a.num_channels_enc, 3)
     self.pre_process = [make(k, c) for k, c in plan['pre_process']]
     self.enc_tower = [make(k, c) for k, c in plan['enc_tower']]

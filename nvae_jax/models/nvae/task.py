@@ -20,6 +20,7 @@ from nvae_jax.models.base import ModelTaskBase, register
 from nvae_jax.models.nvae import sampling as nvae_sampling
 from nvae_jax.models.nvae.network import NVAE, importance_weighted_nll
 from nvae_jax.models.nvae.plan import NVAEArch, groups_per_scale
+from nvae_jax.nn import host_init
 from nvae_jax.nn.conv import CONV_KERNELS, DEPTHWISE_IMPLS
 
 
@@ -166,6 +167,25 @@ class NVAETask(ModelTaskBase):
     variables.setdefault('batch_stats', {})
     variables['spectral'] = objectives.init_spectral_state(kernels, k_sr)
     return variables
+
+  def init_host(self, seed: int, batch) -> dict:
+    """The variables of :meth:`init` drawn on the host (numpy), compiling nothing.
+
+    Same tree and the same initial distributions as :meth:`init` (``nvae_jax.nn.host_init``),
+    other random streams; ``batch`` may be abstract (``jax.ShapeDtypeStruct``).
+    """
+    x = jax.ShapeDtypeStruct(tuple(batch['image'].shape), jnp.float32)
+    model = self.model(x.shape[1:])
+    key = jax.eval_shape(jax.random.key, 0)
+
+    def init(k, images):
+      return model.init({'params': k, 'sample': k}, images, True)
+
+    values, abstract = host_init.initialise(init, seed, ('params', 'batch_stats'), key, x)
+    values.setdefault('batch_stats', {})
+    values['spectral'] = objectives.init_spectral_state_host(
+        abstract[CONV_KERNELS], host_init.path_seed(seed, ('spectral',)))
+    return values
 
   def forward(self, variables, x, train: bool, rng=None, eps=None, mutable=()):
     """``NVAE.__call__`` with the task's module; returns (outputs, updated collections)."""
