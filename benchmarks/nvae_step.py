@@ -43,6 +43,43 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if '--root' in ' '.join(sys.argv):  # run another checkout (side-by-side comparisons)
+  for i, a in enumerate(sys.argv):
+    if a.startswith('--root'):
+      ROOT = os.path.abspath(a.split('=', 1)[1] if '=' in a else sys.argv[i + 1])
+      sys.path.insert(0, ROOT)
+
+
+def _rss_mb(field: str = 'VmRSS') -> float | None:
+  """Current (VmRSS) or peak (VmHWM) resident memory of this process in MB (Linux)."""
+  try:
+    with open('/proc/self/status', encoding='ascii') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return round(int(line.split()[1]) / 1024, 1)
+  except OSError:
+    pass
+  return None
+
+
+def _memory_stats() -> dict:
+  """Peak device memory on accelerators (``device.memory_stats()``), RSS on CPU."""
+  import jax  # pylint: disable=import-outside-toplevel
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() if dev.platform != 'cpu' else None
+  if stats:
+    return {'device_peak_mb': round(stats.get('peak_bytes_in_use', 0) / 2**20, 1),
+            'device_in_use_mb': round(stats.get('bytes_in_use', 0) / 2**20, 1)}
+  return {}
+
+
+def _git_commit(root: str) -> str:
+  import subprocess  # pylint: disable=import-outside-toplevel
+  try:
+    return subprocess.run(['git', '-C', root, 'rev-parse', '--short', 'HEAD'], check=True,
+                          capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return ''
 
 # The original per-GPU batch of each published config (nvae_spec.md §3); configs store the
 # global batch.
@@ -96,14 +133,26 @@ def main(argv=None) -> dict:
   parser.add_argument('--cpu_batch', type=int, default=2)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
+  parser.add_argument('--compile_cache', default='off',
+                      help="config.compile_cache ('off' by default: compile times are measured)")
+  parser.add_argument('--root', default=ROOT, help='checkout to benchmark (default: this one)')
   args = parser.parse_args(argv)
+  t_start = time.perf_counter()
 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from nvae_jax import progress  # pylint: disable=import-outside-toplevel
+  try:
+    from nvae_jax import progress  # pylint: disable=import-outside-toplevel
+    track = progress.track
+  except ImportError:  # checkouts before the progress bars
+    track = lambda it, **_: it  # noqa: E731
   from nvae_jax.data import image_shape  # pylint: disable=import-outside-toplevel
-  from nvae_jax.train import build, step as step_lib  # pylint: disable=import-outside-toplevel
+  try:
+    from nvae_jax.train import build  # pylint: disable=import-outside-toplevel
+  except ImportError:  # checkouts before the restructuring
+    from nvae_jax.train import setup as build  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
   from nvae_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
 
   config = load_config(args.config)
@@ -124,11 +173,15 @@ def main(argv=None) -> dict:
     apply_override(config, assignment)
   config.data.batch_size = per_device * ndev
   config.data.eval_batch_size = per_device * ndev
+  if 'compile_cache' in config:
+    config.compile_cache = args.compile_cache
 
   run = build.build(config)
   shape = tuple(image_shape(config.data))
   spec = build.batch_spec(shape, config.data.batch_size)
+  t0 = time.perf_counter()
   abstract, shardings = build.abstract_state(run, spec)
+  abstract_s = time.perf_counter() - t0
   update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings)
 
   levels = 2 if config.data.binarize != 'none' else 2**int(config.data.num_bits)
@@ -142,21 +195,25 @@ def main(argv=None) -> dict:
   t0, c0 = time.perf_counter(), time.process_time()
   compiled = update.lower(abstract, batch).compile()
   compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+  rss_after_compile = _rss_mb('VmHWM')
 
+  t0 = time.perf_counter()
   state = build.init_state(run, batch, shardings)
   jax.block_until_ready(state)
+  init_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
   first_step_s = time.perf_counter() - t0
   times, cpu = [], []
-  for _ in progress.track(range(args.steps), desc='timed steps', unit='step'):
+  for _ in track(range(args.steps), desc='timed steps', unit='step'):
     t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     times.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
   loss = float(metrics['loss'])
+  start_to_step_s = time.perf_counter() - t_start
 
   out = dict(
       benchmark='nvae_step', device=str(jax.devices()[0].device_kind), platform=platform,
@@ -165,6 +222,8 @@ def main(argv=None) -> dict:
       published_global_batch=published_global, reduced_batch=reduced,
       compute_dtype=config.precision.compute_dtype, remat=config.remat.policy,
       image_shape=list(shape), params=state_lib.num_params(abstract['params']),
+      commit=_git_commit(args.root), abstract_state_s=round(abstract_s, 2),
+      init_s=round(init_s, 2),
       compile_s=round(compile_s, 2), compile_cpu_s=round(compile_cpu_s, 2),
       first_step_s=round(first_step_s, 3),
       step_ms_median=round(1e3 * statistics.median(times), 1),
@@ -173,7 +232,9 @@ def main(argv=None) -> dict:
       cpu_count=os.cpu_count(), loadavg_1min=[round(load_before, 2),
                                               round(os.getloadavg()[0], 2)],
       images_per_s=round(config.data.batch_size / statistics.median(times), 2),
-      loss_finite=bool(np.isfinite(loss)),
+      loss_finite=bool(np.isfinite(loss)), loss=round(loss, 4),
+      peak_rss_mb=_rss_mb('VmHWM'), peak_rss_after_compile_mb=rss_after_compile,
+      rss_end_mb=_rss_mb('VmRSS'), script_s=round(start_to_step_s, 1), **_memory_stats(),
       command='python ' + ' '.join([os.path.relpath(__file__, ROOT)] + list(
           sys.argv[1:] if argv is None else argv)))
   print(json.dumps(out), flush=True)
