@@ -134,15 +134,16 @@ def _shift_depthwise_bwd(padding, dilation, res, g):
   k = kernel.shape[0]
   q = dilation * (k - 1) - padding
   dx = _shift_taps(g, kernel[::-1, ::-1], 1, q, dilation)
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0))).astype(jnp.float32)
-  hp, wp = xp.shape[1:3]
-  gp = jnp.pad(g.astype(jnp.float32),
-               ((0, 0), (0, hp - g.shape[1]), (0, wp - g.shape[2]), (0, 0)))
-  spectrum = jnp.sum(jnp.fft.rfft2(xp, axes=(1, 2)) * jnp.conj(jnp.fft.rfft2(gp, axes=(1, 2))),
-                     axis=0)
-  corr = jnp.fft.irfft2(spectrum, s=(hp, wp), axes=(0, 1))
+  # The FFT runs over the minor axes: move C next to B once, keep the spectra in that layout.
+  xt = jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2))
+  gt = jnp.transpose(g.astype(jnp.float32), (0, 3, 1, 2))
+  xt = jnp.pad(xt, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+  hp, wp = xt.shape[2:]
+  gt = jnp.pad(gt, ((0, 0), (0, 0), (0, hp - gt.shape[2]), (0, wp - gt.shape[3])))
+  spectrum = jnp.sum(jnp.fft.rfft2(xt) * jnp.conj(jnp.fft.rfft2(gt)), axis=0)
+  corr = jnp.fft.irfft2(spectrum, s=(hp, wp))
   span = dilation * (k - 1) + 1
-  dkernel = corr[:span:dilation, :span:dilation][:, :, None, :]
+  dkernel = jnp.transpose(corr[:, :span:dilation, :span:dilation], (1, 2, 0))[:, :, None, :]
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
