@@ -94,8 +94,8 @@ def main(argv=None) -> dict:
   try:
     for run in range(args.runs):
       workdir = tempfile.mkdtemp(prefix='nvae_jax_startup_')
-      cmd = [sys.executable, '-m', 'nvae_jax.main', '--mode=train', f'--workdir={workdir}',
-             '--config.train.log_every=1'] + list(args.rest)
+      cmd = ([sys.executable, '-m', 'nvae_jax.main', '--mode=train', f'--workdir={workdir}']
+             + list(args.rest) + ['--config.train.log_every=1'])
       if not args.no_cache_field:
         cmd.append(f'--config.compile_cache={cache}')
       if args.data_dir:
