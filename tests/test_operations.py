@@ -479,10 +479,11 @@ NVAE_MNIST = os.path.join(ROOT, 'configs', 'nvae_mnist.py')
 FLOW_MNIST = os.path.join(ROOT, 'configs', 'flow_mnist.py')
 MNIST_TFDS = os.path.join(os.path.dirname(ROOT), 'shared', 'data', 'tfds')
 # The quickstart conv VAE, shrunk: compiles in seconds.
-TINY_BASE = (f'--config={QUICKSTART}', '--config.data.batch_size=16', '--config.data.eval_batch_size=16',
-        '--config.train.num_steps=2', '--config.train.log_every=1', '--config.train.eval_every=0',
-        '--config.train.images_every=0', '--config.train.checkpoint_every=1',
-        '--config.train.num_eval_batches=1')
+TINY_BASE = (f'--config={QUICKSTART}', '--config.data.batch_size=16',
+             '--config.data.eval_batch_size=16', '--config.train.num_steps=2',
+             '--config.train.log_every=1', '--config.train.eval_every=0',
+             '--config.train.images_every=0', '--config.train.checkpoint_every=1',
+             '--config.train.num_eval_batches=1')
 TINY = TINY_BASE + ('--config.model.channels=(4, 8, 8)',)
 
 
@@ -492,8 +493,8 @@ def _write(path, text):
   return str(path)
 
 
-def _npz(path, array):
-  np.savez(path, images=array)
+def _npz(path, dtype, channels=1):
+  np.savez(path, images=np.zeros((40, 16, 16, channels), dtype))
   return str(path)
 
 
@@ -561,12 +562,12 @@ USER_ERRORS = [
                                         f'--config.data.data_dir={_png_folder(t / "f", True)}',
                                         f'--workdir={t}/w'],
      'data', r'cannot read image file'),
-    ('float npz', lambda t: [*TINY, '--config.data.name=npz', '--config.data.train_split=train',
-                             f'--config.data.data_dir={_npz(t / "f.npz", np.zeros((40, 16, 16, 1), np.float32))}',
+    ('float npz', lambda t: [*TINY, '--config.data.name=npz',
+                             f'--config.data.data_dir={_npz(t / "f.npz", np.float32)}',
                              f'--workdir={t}/w'],
      'data', r'uint8'),
     ('wrong-channel npz', lambda t: [*TINY, '--config.data.name=npz',
-                                     f'--config.data.data_dir={_npz(t / "c.npz", np.zeros((40, 16, 16, 3), np.uint8))}',
+                                     f'--config.data.data_dir={_npz(t / "c.npz", np.uint8, 3)}',
                                      f'--workdir={t}/w'],
      'data', r'data\.channels=1'),
     ('eval without checkpoint', lambda t: [*TINY, '--mode=eval', f'--workdir={t}/w'],
