@@ -25,8 +25,8 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from configs import nvae_mnist
 from nvae_jax import errors
+from nvae_jax.config import nvae as nvae_config
 from nvae_jax.objectives import spectral
 from nvae_jax.train import build
 from nvae_jax.train import checkpoint as ckpt_lib
@@ -42,7 +42,7 @@ V1 = os.path.join(DATA, 'nvae_layout_v1')
 
 def _tiny_nvae_config():
   """The config of ``tests/data/nvae_layout_v1`` (see its make_fixture.py)."""
-  c = nvae_mnist.get_config('small')
+  c = nvae_config.published_config('mnist', 'small')  # configs/nvae_mnist.py:small
   m = c.model
   m.num_channels_enc = m.num_channels_dec = 4
   m.num_latent_scales, m.num_groups_per_scale, m.min_groups_per_scale = 1, 2, 1
@@ -111,7 +111,8 @@ def test_nvae_v1_checkpoint_migrates_to_today(v1_checkpoint, tmp_path):
                                           if k.startswith('sigma:')), rel=1e-5)
 
 
-def step_host(state):
+def _host_tree(state):
+  """Numpy leaves, PRNG keys as their key data."""
   return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x)) if jax.dtypes.issubdtype(
       x.dtype, jax.dtypes.prng_key) else np.asarray(x), state)
 
@@ -223,7 +224,7 @@ def _host_state(workdir, step, arg=None):
     state, _, _ = ckpt.restore(abstract, step)
   finally:
     ckpt.close()
-  return step_host(state)
+  return _host_tree(state)
 
 
 @pytest.fixture(scope='module')
