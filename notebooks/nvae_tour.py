@@ -49,7 +49,7 @@ if importlib.util.find_spec('nvae_jax') is None:
 
 STEPS = int(os.environ.get('NVAE_JAX_NOTEBOOK_STEPS', '400'))  # training steps
 FIGURE_DIR = os.environ.get('NVAE_JAX_NOTEBOOK_FIGURES', '')  # save the figure there if set
-WORKDIR = os.environ.get('NVAE_JAX_NOTEBOOK_WORKDIR', '')      # default: a fresh temporary folder
+WORKDIR = os.environ.get('NVAE_JAX_NOTEBOOK_WORKDIR', '')  # parent of the run's fresh folder
 
 # %%
 import json
@@ -67,7 +67,10 @@ from nvae_jax.train import build, loop
 from nvae_jax.train import sample as sample_lib
 from nvae_jax.train import state as state_lib
 
-WORKDIR = WORKDIR or tempfile.mkdtemp(prefix='nvae_tour_')
+if WORKDIR:
+  os.makedirs(WORKDIR, exist_ok=True)
+# A fresh folder for every run (a folder holding a finished run's checkpoint would be resumed).
+WORKDIR = tempfile.mkdtemp(prefix='nvae_tour_', dir=WORKDIR or None)
 print('jax', jax.__version__, 'on', jax.devices()[0].platform, '| work directory', WORKDIR)
 
 # %% [markdown]
