@@ -7,8 +7,9 @@ Where compiled programs are kept, from ``config.compile_cache`` (a string):
 * ``'off'``: no persistent cache (``NVAE_JAX_COMPILE_CACHE=off`` does the same for ``'auto'``);
 * any other value: that directory.
 
-JAX reads the setting when it compiles for the first time in a process, so :func:`enable` must run
-before anything is compiled (``nvae_jax.train.build.build`` calls it).  Programs that compile in
+JAX opens its cache at the first compilation of a process (importing optax already compiles), so
+:func:`enable` also resets JAX's cache state, which makes the new folder apply to every later
+compilation (``nvae_jax.train.build.build`` calls it before the model compiles).  Programs that compile in
 less than ``MIN_COMPILE_SECONDS`` are not stored.  Entries are keyed by the program, the
 compiler flags, the device and the jax version, so one folder serves any number of configs.
 """
@@ -19,6 +20,7 @@ import os
 from typing import Optional
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 ENV = 'NVAE_JAX_COMPILE_CACHE'
 OFF = ('off', 'none', 'false', '0')
@@ -42,12 +44,9 @@ def resolve(setting: str = 'auto') -> Optional[str]:
 
 
 def enable(setting: str = 'auto') -> Optional[str]:
-  """Points JAX's persistent compilation cache at :func:`resolve` (setting); returns the folder.
-
-  Call it before the first compilation of the process; later calls with another folder have no
-  effect on JAX (it keeps the cache it opened first).
-  """
+  """Points JAX's persistent compilation cache at :func:`resolve` (setting); returns the folder."""
   path = resolve(setting)
+  jax_compilation_cache.reset_cache()  # JAX decided on its cache at its first compile
   if path is None:
     jax.config.update('jax_enable_compilation_cache', False)
     return None
