@@ -294,3 +294,20 @@ def test_fsdp_spec_choices():
     step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=3)))
   with pytest.raises(ValueError, match=r'mesh\.data: .*got data=3'):
     step_lib.make_mesh(ml_collections.ConfigDict(dict(data=3, fsdp=1)))
+
+
+def test_host_constant_optimizer_init_equals_jit():
+  """``state.host_constant`` (the optimizer state computed in numpy) equals ``jit(tx.init)``, and a
+  value-dependent function falls back to jit."""
+  config = base_config()
+  config.optim.update(name='adamw', grad_clip=1.0, schedule='cosine', warmup_steps=3,
+                      skip_threshold=10.0)
+  tx, _ = optim.make_optimizer(config.optim, 100)
+  params = {'a': np.ones((3, 4), np.float32), 'b': {'c': np.arange(5, dtype=np.float32)}}
+  host, ref = state_lib.host_constant(tx.init, params), jax.jit(tx.init)(params)
+  assert jax.tree.structure(host) == jax.tree.structure(ref)
+  for h, r in zip(jax.tree.leaves(host), jax.tree.leaves(ref)):
+    assert isinstance(h, np.ndarray) and h.dtype == r.dtype
+    np.testing.assert_array_equal(h, r)
+  np.testing.assert_array_equal(state_lib.host_constant(lambda x: 2 * x, params['b']['c']),
+                                2 * params['b']['c'])

@@ -60,8 +60,54 @@ def init_train_state_host(task, tx, seed: int, batch) -> TrainState:
   if set(variables) != expected:
     raise ValueError(f'task.init_host: expected collections {sorted(expected)} besides "params" '
                      f'(task.mutable_collections), found {sorted(variables)}')
-  return dict(step=np.zeros((), np.int32), params=params, opt_state=jax.jit(tx.init)(params),
+  return dict(step=np.zeros((), np.int32), params=params, opt_state=host_constant(tx.init, params),
               model_state=variables, rng=stream_key(seed, TRAIN_STREAM))
+
+
+class _NotConstant(Exception):
+  pass
+
+
+def host_constant(fn, *args):
+  """``fn(*args)`` computed in numpy when its result depends only on the arguments' shapes (as
+  an optax ``init`` does: zeros and counters); otherwise ``jax.jit(fn)(*args)``.
+
+  Tracing gives a jaxpr; if it only broadcasts and converts constants it is evaluated on the host,
+  which avoids compiling an XLA program with one kernel per output (seconds for a model with
+  hundreds of parameters).
+  """
+  abstract = [jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), x) for x in args]
+  closed = jax.make_jaxpr(fn, return_shape=True)(*abstract)
+  closed, out_shape = closed
+  jaxpr = closed.jaxpr
+  env = dict(zip(jaxpr.constvars, (np.asarray(c) for c in closed.consts)))
+
+  def read(a):
+    if hasattr(a, 'val') and not hasattr(a, 'count'):  # a Literal
+      return np.asarray(a.val)
+    if a not in env:
+      raise _NotConstant
+    return env[a]
+
+  try:
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      if name == 'broadcast_in_dim':
+        x = read(eqn.invars[0])
+        shape, dims = eqn.params['shape'], eqn.params['broadcast_dimensions']
+        expanded = [1] * len(shape)
+        for i, d in enumerate(dims):
+          expanded[d] = x.shape[i]
+        out = np.broadcast_to(x.reshape(expanded), shape).copy()
+      elif name == 'convert_element_type':
+        out = read(eqn.invars[0]).astype(eqn.params['new_dtype'])
+      else:
+        raise _NotConstant
+      env[eqn.outvars[0]] = out
+    leaves = [np.asarray(read(v), dtype=v.aval.dtype) for v in jaxpr.outvars]
+  except _NotConstant:
+    return jax.jit(fn)(*args)
+  return jax.tree.unflatten(jax.tree.structure(out_shape), leaves)
 
 
 def variables_of(state: TrainState) -> dict[str, Any]:
