@@ -383,7 +383,7 @@ def _check_init_family(params, kernels, where):
 ])
 def test_host_init_has_the_flax_init_distributions(module, shape):
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  from nvae_jax.nn import host_init  # pylint: disable=import-outside-toplevel
+  from nvae_jax import host_init  # pylint: disable=import-outside-toplevel
   x = jnp.zeros(shape)
   args = (module, x, True) if not isinstance(module, nvnn.PairedARCell) else (module, x)
   init = lambda key, x: args[0].init(key, x, *args[2:])  # noqa: E731

@@ -58,9 +58,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nvae_jax import host_init
 from nvae_jax.distributions import _common
 from nvae_jax.distributions.softclip import check_bounds, softclip
-from nvae_jax.nn import host_init
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _MSE_FLOOR = 1e-12  # keeps log(MSE) and its gradient finite when a batch is reconstructed exactly

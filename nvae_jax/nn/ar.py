@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvae_jax.nn import host_init
+from nvae_jax import host_init
 from nvae_jax.nn.activations import elu
 from nvae_jax.nn.conv import (conv2d, initial_log_weight_norm, record_kernel, torch_uniform_init,
                               weight_normalize)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from nvae_jax.nn import host_init
+from nvae_jax import host_init
 
 #: Collection holding every conv's effective kernel (HWIO, float32) after a forward pass.
 CONV_KERNELS = 'conv_kernels'

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nvae_jax.nn import host_init
+from nvae_jax import host_init
 
 BN_MOMENTUM = 0.05
 BN_EPS = 1e-5

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nvae_jax.nn import host_init
+from nvae_jax import host_init
 from nvae_jax.nn.conv import torch_uniform_init
 
 

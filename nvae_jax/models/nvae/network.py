@@ -57,11 +57,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nvae_jax import host_init
 from nvae_jax import policy
 from nvae_jax.distributions import make_output_distribution
 from nvae_jax.distributions.latent_normal import LatentNormal, split_params, top_prior
 from nvae_jax.models.nvae.plan import EXPANSION_DEC, EXPANSION_POST, NVAEArch
-from nvae_jax.nn import host_init
 from nvae_jax.nn.activations import elu
 from nvae_jax.nn.ar import PairedARCell
 from nvae_jax.nn.cells import DecCombiner, EncCombiner, MBConvCell, ResBNSwishCell

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from nvae_jax import host_init
 from nvae_jax import objectives
 from nvae_jax import policy
 from nvae_jax.config import nvae as nvae_config
@@ -20,7 +21,6 @@ from nvae_jax.models.base import ModelTaskBase, register
 from nvae_jax.models.nvae import sampling as nvae_sampling
 from nvae_jax.models.nvae.network import NVAE, importance_weighted_nll
 from nvae_jax.models.nvae.plan import NVAEArch, groups_per_scale
-from nvae_jax.nn import host_init
 from nvae_jax.nn.conv import CONV_KERNELS, DEPTHWISE_IMPLS
 
 
@@ -171,7 +171,7 @@ class NVAETask(ModelTaskBase):
   def init_host(self, seed: int, batch) -> dict:
     """The variables of :meth:`init` drawn on the host (numpy), compiling nothing.
 
-    Same tree and the same initial distributions as :meth:`init` (``nvae_jax.nn.host_init``),
+    Same tree and the same initial distributions as :meth:`init` (``nvae_jax.host_init``),
     other random streams; ``batch`` may be abstract (``jax.ShapeDtypeStruct``).
     """
     x = jax.ShapeDtypeStruct(tuple(batch['image'].shape), jnp.float32)

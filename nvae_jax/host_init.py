@@ -131,7 +131,7 @@ def initialise(init_fn: Callable[..., Any], seed: int, collections, *args) -> tu
     unknown = [p for p in flat if (col,) + p not in records]
     if unknown:
       raise ValueError(f'host initialisation: no recorded initialiser for {col}/'
-                       f'{"/".join(unknown[0])} (create it with nvae_jax.nn.host_init.param)')
+                       f'{"/".join(unknown[0])} (create it with nvae_jax.host_init.param)')
     values: dict = {}
     by_module: dict = {}
     for key, init in records.items():
