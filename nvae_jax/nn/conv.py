@@ -120,7 +120,8 @@ def _shift_depthwise(x, kernel, padding: int, dilation: int) -> jax.Array:
   cross-correlation of the padded input with g at lags (d i, d j), computed for every lag at
   once with real FFTs over (H, W) (no wrap-around: the lags are at most d (k - 1), the size
   difference of the padded input and g).  Autodiff of the tap sum computes dW as k^2 separate
-  reductions over (B, H, W), which XLA:CPU runs several times slower.
+  reductions over (B, H, W), which XLA:CPU runs several times slower.  Being a ``custom_vjp``,
+  it has no forward-mode derivative (``jax.jacfwd``): use ``impl='lax'`` for that.
   """
   return _shift_taps(x, kernel, 1, padding, dilation)
 
