@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,9 +75,9 @@ def test_optimal_sigma_task_loss_state_and_describe(optimal):
 
   (loss, (metrics, new_state)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(
       params, {'batch_stats': variables['batch_stats']})
-  assert set(metrics) == {'loss', 'recon', 'kl', 'elbo', 'sigma'}
+  assert set(metrics) == {'loss', 'recon', 'kl', 'nelbo', 'sigma'}
   assert _finite((loss, metrics, grads)) and loss.shape == ()
-  np.testing.assert_allclose(metrics['elbo'], -(metrics['recon'] + metrics['kl']), rtol=1e-6)
+  np.testing.assert_allclose(metrics['nelbo'], metrics['recon'] + metrics['kl'], rtol=1e-6)
   np.testing.assert_allclose(loss, metrics['recon'] + metrics['kl'], rtol=1e-6)  # beta = 1
   # The reported sigma is the optimal one for this batch (softclipped at -6), and the running
   # average of the MSE starts there.
@@ -180,3 +181,51 @@ def test_config_errors():
   task = build_task(_config('gaussian_fixed'))
   with pytest.raises(ValueError, match='divisible by 4'):
     jax.eval_shape(task.init, _key(0), {'image': jnp.zeros((1, 18, 16, 1))})
+
+
+def test_subpixel_upsampling_equals_the_transposed_convolution():
+  """Upsample2x (3x3 conv + depth-to-space) against lax.conv_transpose with the same weights,
+  values and gradients, on odd sizes; and its parameters are those of nn.ConvTranspose."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 3, 3)), jnp.float32)
+  up = conv_vae.Upsample2x(4)
+  variables = up.init(_key(0), x)
+  ct_shapes = jax.eval_shape(
+      lambda: nn.ConvTranspose(4, (4, 4), strides=(2, 2), padding='SAME').init(
+          _key(0), x))
+  assert jax.tree.map(lambda a: a.shape, variables) == jax.tree.map(lambda a: a.shape, ct_shapes)
+  kernel = jnp.asarray(rng.normal(size=(4, 4, 3, 4)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+  params = {'params': {'kernel': kernel, 'bias': bias}}
+
+  def ours(k, b, x):
+    return up.apply({'params': {'kernel': k, 'bias': b}}, x)
+
+  def transposed(k, b, x):
+    return jax.lax.conv_transpose(x, k, (2, 2), 'SAME',
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + b
+
+  y = up.apply(params, x)
+  assert y.shape == (2, 10, 6, 4)
+  np.testing.assert_allclose(y, transposed(kernel, bias, x), rtol=1e-5, atol=1e-5)
+  cot = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  g_ours = jax.grad(lambda *a: jnp.sum(ours(*a) * cot), argnums=(0, 1, 2))(kernel, bias, x)
+  g_ref = jax.grad(lambda *a: jnp.sum(transposed(*a) * cot), argnums=(0, 1, 2))(kernel, bias, x)
+  for a, b in zip(g_ours, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match='4, 4, in, out'):
+    conv_vae.subpixel_kernel(jnp.zeros((3, 3, 1, 1)))
+
+
+def test_subpixel_and_transpose_decoders_are_the_same_model(optimal):
+  """The whole ConvVAE with either up-sampling: same parameter tree, same decoder output."""
+  task, _, variables, _ = optimal
+  fast = task._module((H, W, C))  # pylint: disable=protected-access
+  slow = fast.clone(upsample='transpose')
+  z = jnp.asarray(np.random.default_rng(1).normal(size=(3, L)), jnp.float32)
+  shapes = jax.eval_shape(lambda: slow.init(_key(0), jnp.zeros((1, H, W, C)), jnp.zeros((1, L)), True))
+  assert (jax.tree.map(lambda a: a.shape, shapes['params'])
+          == jax.tree.map(lambda a: a.shape, variables['params']))
+  out_fast = fast.apply(variables, z, method=conv_vae.ConvVAE.decode)
+  out_slow = slow.apply(variables, z, method=conv_vae.ConvVAE.decode)
+  np.testing.assert_allclose(out_fast, out_slow, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,9 @@ Model (images x in [0, 1], NHWC):
   for stride 1 and 4 for stride 2, each followed by ReLU; flatten; a dense layer to the mean and
   log-scale of q(z|x) = N(mu, diag sigma^2), z of ``model.latent_dim`` (default 20) dimensions;
 * decoder: dense to the encoder's last feature map, ReLU, then transposed convolutions mirroring
-  the encoder back to H x W, the last one producing the K = ``num_channels(C)`` raw channels the
+  the encoder back to H x W (kernel 4 for stride 2, computed as a 3x3 convolution followed by
+  depth-to-space, :class:`Upsample2x`, which is the same function with the same parameters;
+  kernel 3 for stride 1), the last one producing the K = ``num_channels(C)`` raw channels the
   output distribution ``model.decoder`` needs (Gaussian means pass through a sigmoid inside the
   distribution);
 * prior p(z) = N(0, I) and the analytic
@@ -22,6 +24,9 @@ Objective (per example sums, averaged over the batch, in nats):
     loss = mean_b [ recon_b + beta KL_b ],   recon_b = -log p(x_b | z_b),  z_b ~ q(z | x_b),
 
 with ``model.beta`` (default 1; sigma-VAE's point is that a calibrated decoder needs no beta).
+Training metrics: ``loss``, ``recon``, ``kl``, ``nelbo`` = mean_b (recon_b + KL_b) (the negative
+ELBO whatever beta, nats per image, the same name and sign as evaluation's ``nelbo``) and, for the
+Gaussian decoders, ``sigma`` (the mean decoder sigma of the batch).
 
 Evaluation: with ``eval.num_importance_samples`` K = 1 the per-example ``nll`` is the negative
 ELBO with one posterior sample and the analytic KL; with K > 1 it is the importance-weighted bound
@@ -69,6 +74,70 @@ def analytic_kl(mu: jax.Array, log_sigma: jax.Array) -> jax.Array:
   return jnp.sum(0.5 * (jnp.square(mu) + jnp.exp(2.0 * log_sigma) - 1.0) - log_sigma, axis=-1)
 
 
+# Sub-pixel taps of a 4-tap, stride-2 transposed convolution with 'SAME' padding (see
+# ``subpixel_kernel``): _PHASE_TAPS[r][a] is the kernel row feeding output phase r from the input
+# at offset a - 1; index 4 points at an appended zero row.
+_PHASE_TAPS = ((0, 2, 4), (4, 1, 3))
+
+
+def subpixel_kernel(kernel: jax.Array) -> jax.Array:
+  """A [4, 4, I, O] transposed-convolution kernel as the [3, 3, I, 4 O] kernel of its sub-pixel form.
+
+  ``lax.conv_transpose(x, K, (2, 2), 'SAME')`` (the kernel not flipped, as flax's ConvTranspose
+  calls it) pads the 2x-dilated input by 2 on each side and correlates it with K, so in 1-D
+
+      y[2m]     = x[m-1] K[0] + x[m] K[2],
+      y[2m + 1] = x[m]   K[1] + x[m+1] K[3].
+
+  Both output phases r are a 3-tap correlation of x over offsets a - 1, a in {0, 1, 2}, with taps
+  K[_PHASE_TAPS[r][a]] (and zero where the phase does not use the offset).  In 2-D the four
+  phases (r, s) stack on the channel axis in the order (r, s, O), which ``depth_to_space``
+  interleaves back into the 2H x 2W output.
+  """
+  if kernel.ndim != 4 or kernel.shape[:2] != (4, 4):
+    raise ValueError(f'subpixel_kernel: expected a [4, 4, in, out] kernel, got shape '
+                     f'{tuple(kernel.shape)}')
+  taps = jnp.asarray(_PHASE_TAPS)  # [r, a]
+  padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
+  w = padded[taps[:, None, :, None], taps[None, :, None, :]]  # [r, s, a, b, I, O]
+  i, o = kernel.shape[2:]
+  return jnp.transpose(w, (2, 3, 4, 0, 1, 5)).reshape(3, 3, i, 4 * o)
+
+
+def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
+  """[B, H, W, (r, s, C)] -> [B, H block, W block, C] with out[b, h block + r, w block + s, c]."""
+  b, h, w, d = x.shape
+  c = d // (block * block)
+  x = x.reshape(b, h, w, block, block, c)
+  return jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(b, h * block, w * block, c)
+
+
+class Upsample2x(nn.Module):
+  """Stride-2, 4x4, 'SAME' transposed convolution computed as a 3x3 convolution + depth-to-space.
+
+  The same function and the same parameters (``kernel`` [4, 4, I, O] with lecun-normal init and a
+  zero ``bias`` [O]) as ``nn.ConvTranspose(O, (4, 4), strides=(2, 2), padding='SAME')``; only the
+  computation differs (see ``subpixel_kernel``).  XLA:CPU computes the weight gradient of the
+  strided transposed convolution an order of magnitude slower than that of a plain convolution.
+  The 3x3 form does 9/4 of the multiply-adds of the transposed one (the taps a phase does not
+  use are zeros).
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (4, 4, x.shape[-1], self.features), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    w = subpixel_kernel(kernel).astype(self.dtype)
+    y = jax.lax.conv_general_dilated(x.astype(self.dtype), w, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return depth_to_space(y) + bias.astype(self.dtype)
+
+
 def _std_normal_log_density(z):
   return jnp.sum(-0.5 * jnp.square(z) - 0.5 * math.log(2.0 * math.pi), axis=-1)
 
@@ -82,6 +151,9 @@ class ConvVAE(nn.Module):
   latent_dim: int
   likelihood: nn.Module
   dtype: Any = jnp.float32
+  #: How the stride-2 decoder layers compute: 'subpixel' (``Upsample2x``, fast on CPU) or
+  #: 'transpose' (``nn.ConvTranspose``); the same parameters and the same function.
+  upsample: str = 'subpixel'
 
   def setup(self):
     h, w, c = self.image_shape
@@ -94,7 +166,12 @@ class ConvVAE(nn.Module):
     self.dec_in = nn.Dense(math.prod(self.feat_shape), dtype=self.dtype,
                            param_dtype=jnp.float32, name='dec_in')
     outs = list(self.channels[:-1])[::-1] + [self.likelihood.num_channels(c)]
-    self.dec = [nn.ConvTranspose(f, (4, 4) if s == 2 else (3, 3), strides=(s, s),
+    if self.upsample not in ('subpixel', 'transpose'):
+      raise ValueError(f"ConvVAE.upsample: expected 'subpixel' or 'transpose', got "
+                       f'{self.upsample!r}')
+    subpixel = self.upsample == 'subpixel'
+    self.dec = [Upsample2x(f, dtype=self.dtype, name=f'dec_{i}') if s == 2 and subpixel else
+                nn.ConvTranspose(f, (4, 4) if s == 2 else (3, 3), strides=(s, s),
                                  name=f'dec_{i}', **conv)
                 for i, (f, s) in enumerate(zip(outs, list(self.strides)[::-1]))]
 
@@ -273,7 +350,7 @@ class ConvVAETask(ModelTaskBase):
     recon = -log_px
     loss = jnp.mean(recon + self.beta * kl)
     metrics = dict(loss=loss, recon=jnp.mean(recon), kl=jnp.mean(kl),
-                   elbo=-jnp.mean(recon + kl))
+                   nelbo=jnp.mean(recon + kl))
     sigma = jax.tree.leaves(updates.get('intermediates', {}))
     if sigma:
       metrics['sigma'] = jnp.mean(sigma[0]).astype(jnp.float32)
