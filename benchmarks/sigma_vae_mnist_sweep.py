@@ -279,7 +279,7 @@ def main(argv=None) -> None:
                  test_nelbo_post_hoc=recon_at_sigma(sse, s_post) + ev['kl_per_image'])
     else:
       row['sigma'] = _decoder_sigma(workdir, decoder, -6.0)
-    row.update(last_train={k: last_train.get(k) for k in ('loss', 'elbo', 'recon', 'kl', 'sigma')},
+    row.update(last_train={k: last_train.get(k) for k in ('loss', 'nelbo', 'recon', 'kl', 'sigma')},
                train_steps_per_s=last_train.get('steps_per_sec'), workdir=workdir)
     results.append(row)
     print(json.dumps(row), flush=True)
