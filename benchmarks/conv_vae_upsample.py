@@ -87,7 +87,8 @@ def main(argv=None) -> None:
   med = {n: statistics.median(t) for n, t in times.items()}
   print(json.dumps(dict(
       benchmark='conv_vae_upsample', device=str(jax.devices()[0]),
-      platform=f'{platform.machine()} {os.cpu_count()} CPUs', jax=jax.__version__,
+      platform=f'{platform.machine()} {os.cpu_count()} CPUs',
+      cpus_used=len(os.sched_getaffinity(0)), jax=jax.__version__,
       config=dict(config='configs/sigma_vae_mnist.py', decoder=args.decoder,
                   batch_size=args.batch_size, channels=list(config.model.channels),
                   image=list(shape[1:])),
