@@ -25,13 +25,14 @@ Variants (``--variants``, comma-separated):
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=wrong-import-position
-from sigma_vae_mnist_sweep import CONFIG, _run
+from sigma_vae_mnist_sweep import CONFIG, ROOT, _run
 
 VARIANTS = {
     'default': ('gaussian_optimal', []),
@@ -56,6 +57,78 @@ def trajectory(workdir: str) -> list[dict]:
   return out
 
 
+def inspect(workdir: str, data_dir: str, decoder: str, overrides: list[str],
+            num_images: int = 256) -> dict:
+  """Inside the latest checkpoint of ``workdir``, on the first ``num_images`` test images:
+  the posterior (mean |mu|, mean sigma_q, KL), the fraction of ReLU units active (> 0) after each
+  decoder layer, the decoder's pre-sigmoid output logits at z = mu (mean, min, max), the mean
+  sigmoid slope mu (1 - mu) there (how much gradient reaches the network through the mean), the
+  MSE; the same decoder mean, slope and MSE at z ~ N(0, I) (``prior_*``: what training decodes
+  once q(z|x) has collapsed to the prior); and the MSE of the constant and pixelwise-mean images
+  for reference."""
+  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, ROOT)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from nvae_jax.data import make_pipeline
+  from nvae_jax.models import conv_vae
+  from nvae_jax.train import setup
+  from nvae_jax.train import state as state_lib
+
+  from configs import sigma_vae_mnist
+  config = sigma_vae_mnist.get_config(decoder)
+  config.data.data_dir = data_dir
+  for o in overrides:  # '--config.a.b=value'
+    key, value = o[len('--config.'):].split('=', 1)
+    *path, leaf = key.split('.')
+    node = config
+    for k in path:
+      node = node[k]
+    node[leaf] = ast.literal_eval(value)
+  run = setup.build(config)
+  pipe = make_pipeline(config.data, 'test', train=False, seed=0)
+  x = np.concatenate([b['image'] for b, _ in zip(iter(pipe), range(
+      -(-num_images // config.data.eval_batch_size)))])[:num_images]
+  x = jnp.asarray(x, jnp.float32)
+  state, _, step, _ = setup.restore_latest(run, workdir, pipe.image_shape, config.data.batch_size)
+  variables = state_lib.variables_of(state)
+  module = run.task._module(tuple(x.shape[1:]))  # pylint: disable=protected-access
+
+  def probe(m, x):
+    mu, log_sigma = m.encode(x)
+    h = jax.nn.relu(m.dec_in(mu))
+    active = [jnp.mean(h > 0)]
+    h = h.reshape((x.shape[0],) + m.feat_shape)
+    for i, layer in enumerate(m.dec):
+      h = layer(h)
+      if i < len(m.dec) - 1:
+        h = jax.nn.relu(h)
+        active.append(jnp.mean(h > 0))
+    logits = h[..., :x.shape[-1]]
+    mean = jax.nn.sigmoid(logits)
+    return dict(step=step, mean_abs_mu=jnp.mean(jnp.abs(mu)),
+                mean_sigma_q=jnp.mean(jnp.exp(log_sigma)),
+                kl=jnp.mean(conv_vae.analytic_kl(mu, log_sigma)),
+                active_relu_fraction=jnp.stack(active), logit_mean=jnp.mean(logits),
+                logit_min=jnp.min(logits), logit_max=jnp.max(logits),
+                sigmoid_slope=jnp.mean(mean * (1 - mean)),
+                mse_at_posterior_mean=jnp.mean(jnp.square(mean - x)), image_mean=jnp.mean(x),
+                decoder_mean=jnp.mean(mean),
+                mse_of_constant_image_mean=jnp.mean(jnp.square(x - jnp.mean(x))),
+                mse_of_pixelwise_mean=jnp.mean(jnp.square(x - jnp.mean(x, axis=0))))
+
+  def at_prior(m, z):
+    mean = jax.nn.sigmoid(m.decode(z)[..., :x.shape[-1]])
+    return dict(prior_decoder_mean=jnp.mean(mean), prior_sigmoid_slope=jnp.mean(mean * (1 - mean)),
+                prior_mse=jnp.mean(jnp.square(mean - x[:z.shape[0]])))
+
+  out = jax.jit(lambda v, x: module.apply(v, x, method=probe))(variables, x)
+  z = jax.random.normal(jax.random.key(0), (x.shape[0], run.task.latent_dim))
+  out.update(jax.jit(lambda v, z: module.apply(v, z, method=at_prior))(variables, z))
+  return {k: np.asarray(v).round(5).tolist() for k, v in out.items()}
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n', maxsplit=1)[0])
   p.add_argument('--workdir', default='/tmp/sigma_vae_collapse')
@@ -63,7 +136,14 @@ def main(argv=None) -> None:
   p.add_argument('--variants', default='stop_grad,lr3e-4,half_b64,batch64,seed1')
   p.add_argument('--steps', type=int, default=400)
   p.add_argument('--log_every', type=int, default=10)
+  p.add_argument('--inspect', default='', help='only print inspect() of this workdir')
+  p.add_argument('--inspect_variant', default='default')
   args = p.parse_args(argv)
+  if args.inspect:
+    decoder, extra = VARIANTS[args.inspect_variant]
+    print(json.dumps(dict(workdir=args.inspect, variant=args.inspect_variant,
+                          **inspect(args.inspect, args.data_dir, decoder, extra))))
+    return
   names = [v for v in args.variants.split(',') if v]
   unknown = [v for v in names if v not in VARIANTS]
   if unknown:

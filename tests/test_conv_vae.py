@@ -229,3 +229,24 @@ def test_subpixel_and_transpose_decoders_are_the_same_model(optimal):
   out_fast = fast.apply(variables, z, method=conv_vae.ConvVAE.decode)
   out_slow = slow.apply(variables, z, method=conv_vae.ConvVAE.decode)
   np.testing.assert_allclose(out_fast, out_slow, rtol=1e-5, atol=1e-5)
+
+
+def test_optimal_sigma_stop_gradient_leaves_the_gradient_unchanged():
+  """sigma^2 = MSE maximises the Gaussian likelihood, so d loss / d sigma = 0 there (envelope
+  theorem): stopping the gradient through sigma changes nothing unless softclip moves sigma."""
+  batch = _batch('gaussian_optimal')
+  grads = []
+  for stop in (False, True):
+    task = build_task(_config('gaussian_optimal', sigma_stop_gradient=stop, log_sigma_min=None))
+    shapes = jax.eval_shape(task.init, _key(0), batch)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape) / math.sqrt(max(np.prod(s.shape[:-1]), 1)),
+                              s.dtype), shapes['params'])
+    state = {'batch_stats': jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                         shapes['batch_stats'])}
+    grads.append(jax.jit(jax.grad(
+        lambda p, t=task, s=state: t.loss({'params': p, **s}, batch, _key(1), jnp.int32(0))[0]))(
+            params))
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
