@@ -57,6 +57,35 @@ def trajectory(workdir: str) -> list[dict]:
   return out
 
 
+def adam_step_ratio(opt_state, b1: float, b2: float) -> dict:
+  """Adam's normalised step |m_hat| / (sqrt(v_hat) + 1e-8) (1 = a full ``lr`` step), median and
+  90th percentile over all parameters, from the first Adam state in ``opt_state``.  A value far
+  below 1 means the second moment still remembers gradients much larger than today's."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import numpy as np
+
+  def find(o):
+    if hasattr(o, 'mu') and hasattr(o, 'nu') and hasattr(o, 'count'):
+      return o
+    children = o.values() if isinstance(o, dict) else o if isinstance(o, (tuple, list)) else ()
+    for c in children:
+      found = find(c)
+      if found is not None:
+        return found
+    return None
+
+  adam = find(opt_state)
+  if adam is None:
+    return {}
+  t = int(adam.count)
+  ratios = np.concatenate([
+      (np.abs(np.asarray(m)) / (1 - b1 ** t) / (np.sqrt(np.asarray(v) / (1 - b2 ** t)) + 1e-8)
+       ).ravel() for m, v in zip(jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu))])
+  return dict(adam_step_ratio_median=float(np.median(ratios)),
+              adam_step_ratio_p90=float(np.percentile(ratios, 90)))
+
+
 def inspect(workdir: str, data_dir: str, decoder: str, overrides: list[str],
             num_images: int = 256) -> dict:
   """Inside the latest checkpoint of ``workdir``, on the first ``num_images`` test images:
@@ -124,6 +153,7 @@ def inspect(workdir: str, data_dir: str, decoder: str, overrides: list[str],
                 prior_mse=jnp.mean(jnp.square(mean - x[:z.shape[0]])))
 
   out = jax.jit(lambda v, x: module.apply(v, x, method=probe))(variables, x)
+  out.update(adam_step_ratio(state['opt_state'], config.optim.b1, config.optim.b2))
   z = jax.random.normal(jax.random.key(0), (x.shape[0], run.task.latent_dim))
   out.update(jax.jit(lambda v, z: module.apply(v, z, method=at_prior))(variables, z))
   return {k: np.asarray(v).round(5).tolist() for k, v in out.items()}
