@@ -32,7 +32,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=wrong-import-position
-from sigma_vae_mnist_sweep import CONFIG, ROOT, _run
+from sigma_vae_mnist_sweep import CONFIG, ROOT, _montage, _run
 
 VARIANTS = {
     'default': ('gaussian_optimal', []),
@@ -166,6 +166,7 @@ def main(argv=None) -> None:
   p.add_argument('--variants', default='stop_grad,lr3e-4,half_b64,batch64,seed1')
   p.add_argument('--steps', type=int, default=400)
   p.add_argument('--log_every', type=int, default=10)
+  p.add_argument('--figure', default='', help='montage of the variants\' reconstructions here')
   p.add_argument('--inspect', default='', help='only print inspect() of this workdir')
   p.add_argument('--inspect_variant', default='default')
   args = p.parse_args(argv)
@@ -201,6 +202,16 @@ def main(argv=None) -> None:
         json.dump(row, f)
     with open(done, encoding='utf-8') as f:
       print(f.read(), flush=True)
+  if args.figure:
+    panels = []
+    for name in names:
+      with open(os.path.join(args.workdir, name, 'trajectory.json'), encoding='utf-8') as f:
+        row = json.load(f)
+      panels.append((f'{name}: step {row["trajectory"][-1]["step"]}, train KL '
+                     f'{row["last_kl"]:.3g}, sigma {row["last_sigma"]:.3f}\n'
+                     'odd rows test images, even rows reconstructions',
+                     os.path.join(args.workdir, name, 'recon.png')))
+    _montage(panels, args.figure, cols=min(3, len(panels)), shrink=2)
 
 
 if __name__ == '__main__':
