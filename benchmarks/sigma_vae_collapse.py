@@ -105,16 +105,7 @@ def inspect(workdir: str, data_dir: str, decoder: str, overrides: list[str],
   from nvae_jax.train import setup
   from nvae_jax.train import state as state_lib
 
-  from configs import sigma_vae_mnist
-  config = sigma_vae_mnist.get_config(decoder)
-  config.data.data_dir = data_dir
-  for o in overrides:  # '--config.a.b=value'
-    key, value = o[len('--config.'):].split('=', 1)
-    *path, leaf = key.split('.')
-    node = config
-    for k in path:
-      node = node[k]
-    node[leaf] = ast.literal_eval(value)
+  config = _config_with(decoder, data_dir, overrides)
   run = setup.build(config)
   pipe = make_pipeline(config.data, 'test', train=False, seed=0)
   x = np.concatenate([b['image'] for b, _ in zip(iter(pipe), range(
@@ -159,6 +150,70 @@ def inspect(workdir: str, data_dir: str, decoder: str, overrides: list[str],
   return {k: np.asarray(v).round(5).tolist() for k, v in out.items()}
 
 
+def _config_with(decoder: str, data_dir: str, overrides: list[str]):
+  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, ROOT)
+  from configs import sigma_vae_mnist
+  config = sigma_vae_mnist.get_config(decoder)
+  config.data.data_dir = data_dir
+  for o in overrides:  # '--config.a.b=value'
+    key, value = o[len('--config.'):].split('=', 1)
+    *path, leaf = key.split('.')
+    node = config
+    for k in path:
+      node = node[k]
+    node[leaf] = ast.literal_eval(value)
+  return config
+
+
+def reset_adam(workdir: str, data_dir: str, decoder: str, overrides: list[str], steps: int,
+               log_every: int) -> dict:
+  """Continues the latest checkpoint of ``workdir`` for ``steps`` steps with the same loss, data
+  and learning rate but a *fresh* Adam state (zero moments), logging the training KL, sigma and
+  gradient norm.  A causal test of the stall: if the collapsed run moves again, the parameters
+  were held by Adam's memory of the early gradients rather than by a stationary point."""
+  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, ROOT)
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from nvae_jax.data import make_pipeline
+  from nvae_jax.train import optim, setup
+  from nvae_jax.train import state as state_lib
+
+  config = _config_with(decoder, data_dir, overrides)
+  run = setup.build(config)
+  pipe = make_pipeline(config.data, config.data.train_split, train=True, seed=config.seed + 1)
+  state, _, step0, _ = setup.restore_latest(run, workdir, pipe.image_shape,
+                                            config.data.batch_size)
+  variables = state_lib.variables_of(state)
+  params = variables['params']
+  model_state = {k: v for k, v in variables.items() if k != 'params'}
+  tx = optax.adam(config.optim.lr, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def train_step(params, model_state, opt_state, batch, rng):
+    def f(p):
+      return run.task.loss({'params': p, **model_state}, batch, rng, jnp.int32(0))
+    (_, (metrics, new_state)), grads = jax.value_and_grad(f, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    metrics = dict(metrics, grad_norm=optim.global_norm(grads))
+    return optax.apply_updates(params, updates), {**model_state, **new_state}, opt_state, metrics
+
+  traj = []
+  rng = jax.random.key(config.seed + 1)
+  for i, batch in zip(range(1, steps + 1), iter(pipe)):
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    params, model_state, opt_state, metrics = train_step(
+        params, model_state, opt_state, batch, jax.random.fold_in(rng, i))
+    if i % log_every == 0:
+      traj.append(dict(step=int(step0) + i, **{k: float(metrics[k]) for k in
+                                               ('kl', 'sigma', 'recon', 'grad_norm')}))
+      print(json.dumps(traj[-1]), flush=True)
+  return dict(workdir=workdir, from_step=int(step0), fresh_adam_steps=steps, trajectory=traj)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n', maxsplit=1)[0])
   p.add_argument('--workdir', default='/tmp/sigma_vae_collapse')
@@ -169,7 +224,14 @@ def main(argv=None) -> None:
   p.add_argument('--figure', default='', help='montage of the variants\' reconstructions here')
   p.add_argument('--inspect', default='', help='only print inspect() of this workdir')
   p.add_argument('--inspect_variant', default='default')
+  p.add_argument('--reset_adam', default='', help='only run reset_adam() on this workdir')
+  p.add_argument('--reset_steps', type=int, default=100)
   args = p.parse_args(argv)
+  if args.reset_adam:
+    decoder, extra = VARIANTS[args.inspect_variant]
+    print(json.dumps(reset_adam(args.reset_adam, args.data_dir, decoder, extra, args.reset_steps,
+                                args.log_every)))
+    return
   if args.inspect:
     decoder, extra = VARIANTS[args.inspect_variant]
     print(json.dumps(dict(workdir=args.inspect, variant=args.inspect_variant,
