@@ -78,8 +78,10 @@ beta 0.1 softer, sigma = 1 blurry.  So at this budget the paper's likelihood cla
 optimal sigma, and its sample-quality claim is not borne out.
 
 Speed note: a stride-2 ``nn.ConvTranspose`` weight gradient is pathologically slow on XLA:CPU
-(~1 s for 64->32 channels at 14x14, batch 128, 14x its input gradient); that, not the FLOPs, is
-why the paper-sized net runs at ~2.5 s/step here.
+(~1 s for 64->32 channels at 14x14, batch 128, 14x its input gradient); the conv VAE now computes
+those layers as a 3x3 convolution + depth-to-space (same parameters and function, about 3x faster
+per training step; ``benchmarks/conv_vae_upsample.py``).  The numbers above were measured before
+that change.
 """
 
 from __future__ import annotations
