@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import sys
 
@@ -166,6 +167,33 @@ def _config_with(decoder: str, data_dir: str, overrides: list[str]):
   return config
 
 
+def torch_like_init(params: dict, rng) -> dict:
+  """PyTorch's default initialisation (the sigma-VAE reference code's) of the conv VAE's layers:
+  weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)), where
+  fan_in is in * k * k for convolutions and dense layers and, as PyTorch computes it for
+  ConvTranspose2d weights [in, out, k, k], out * k * k for the transposed convolutions."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  out = {}
+  for i, (name, layer) in enumerate(sorted(params.items())):
+    if 'kernel' not in layer:  # e.g. the shared decoder's log sigma: unchanged
+      out[name] = layer
+      continue
+    k = layer['kernel']
+    if name.startswith('dec_') and k.ndim == 4:
+      fan_in = k.shape[0] * k.shape[1] * k.shape[3]
+    else:
+      fan_in = int(math.prod(k.shape[:-1]))
+    bound = 1.0 / math.sqrt(fan_in)
+    rk, rb = jax.random.split(jax.random.fold_in(rng, i))
+    new = dict(layer)
+    new['kernel'] = jax.random.uniform(rk, k.shape, k.dtype, -bound, bound)
+    if 'bias' in layer:
+      new['bias'] = jax.random.uniform(rb, layer['bias'].shape, k.dtype, -bound, bound)
+    out[name] = new
+  return out
+
+
 def reset_adam(workdir: str, data_dir: str, decoder: str, overrides: list[str], steps: int,
                log_every: int) -> dict:
   """Continues the latest checkpoint of ``workdir`` for ``steps`` steps with the same loss, data
@@ -183,10 +211,18 @@ def reset_adam(workdir: str, data_dir: str, decoder: str, overrides: list[str], 
 
   config = _config_with(decoder, data_dir, overrides)
   run = setup.build(config)
-  pipe = make_pipeline(config.data, config.data.train_split, train=True, seed=config.seed + 1)
-  state, _, step0, _ = setup.restore_latest(run, workdir, pipe.image_shape,
-                                            config.data.batch_size)
-  variables = state_lib.variables_of(state)
+  if workdir:
+    pipe = make_pipeline(config.data, config.data.train_split, train=True, seed=config.seed + 1)
+    state, _, step0, _ = setup.restore_latest(run, workdir, pipe.image_shape,
+                                              config.data.batch_size)
+    variables = state_lib.variables_of(state)
+  else:  # a fresh start with the reference code's (PyTorch's default) initialisation
+    pipe = make_pipeline(config.data, config.data.train_split, train=True, seed=config.seed)
+    first = {k: jnp.asarray(v) for k, v in next(iter(pipe)).items()}
+    variables = run.task.init(state_lib.stream_key(config.seed, state_lib.INIT_STREAM), first)
+    variables = dict(variables, params=torch_like_init(variables['params'],
+                                                       jax.random.key(config.seed)))
+    step0 = 0
   params = variables['params']
   model_state = {k: v for k, v in variables.items() if k != 'params'}
   tx = optax.adam(config.optim.lr, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps)
@@ -226,7 +262,14 @@ def main(argv=None) -> None:
   p.add_argument('--inspect_variant', default='default')
   p.add_argument('--reset_adam', default='', help='only run reset_adam() on this workdir')
   p.add_argument('--reset_steps', type=int, default=100)
+  p.add_argument('--torch_init', action='store_true',
+                 help='train --reset_steps steps from a fresh PyTorch-style initialisation')
   args = p.parse_args(argv)
+  if args.torch_init:
+    decoder, extra = VARIANTS[args.inspect_variant]
+    print(json.dumps(reset_adam('', args.data_dir, decoder, extra, args.reset_steps,
+                                args.log_every)))
+    return
   if args.reset_adam:
     decoder, extra = VARIANTS[args.inspect_variant]
     print(json.dumps(reset_adam(args.reset_adam, args.data_dir, decoder, extra, args.reset_steps,
