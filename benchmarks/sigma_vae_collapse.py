@@ -20,6 +20,12 @@ Variants (``--variants``, comma-separated):
 * ``seed1``: the recipe with seed 1;
 * ``sigma1``: ``gaussian_fixed`` with sigma = 1 (MSE), for comparison;
 * ``shared``: ``gaussian_shared`` (learned sigma, starting at 1).
+
+Other modes: ``--inspect WORKDIR`` (see ``inspect``: posterior, ReLU activity, sigmoid saturation
+and Adam's normalised step in a checkpoint), ``--reset_adam WORKDIR`` (continue a checkpoint with
+fresh Adam moments) and ``--torch_init`` (train from PyTorch's default initialisation); the last
+two run ``--reset_steps`` steps and print the training KL, sigma and gradient norm every
+``--log_every`` steps.
 """
 
 from __future__ import annotations
