@@ -23,16 +23,18 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # pylint: disable=wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import sigma_vae_mnist
+from nvae_jax.config import files as config_files
 from nvae_jax.models import build_task
 from nvae_jax.models import conv_vae
+
+sigma_vae_mnist = config_files.load_module(os.path.join(ROOT, 'configs', 'sigma_vae_mnist.py'),
+                                           'sigma_vae_mnist')
 
 FORMULATIONS = ('transpose', 'subpixel')
 

@@ -37,9 +37,12 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# pylint: disable=wrong-import-position
-from sigma_vae_mnist_sweep import CONFIG, ROOT, _montage, _run
+from nvae_jax.config import files as config_files
+
+_SWEEP = config_files.load_module(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sigma_vae_mnist_sweep.py'),
+    'sigma_vae_mnist_sweep')
+CONFIG, ROOT, _montage, _run = _SWEEP.CONFIG, _SWEEP.ROOT, _SWEEP._montage, _SWEEP._run
 
 VARIANTS = {
     'default': ('gaussian_optimal', []),
@@ -103,22 +106,21 @@ def inspect(workdir: str, data_dir: str, decoder: str, overrides: list[str],
   once q(z|x) has collapsed to the prior); and the MSE of the constant and pixelwise-mean images
   for reference."""
   # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, ROOT)
   import jax
   import jax.numpy as jnp
   import numpy as np
   from nvae_jax.data import make_pipeline
   from nvae_jax.models import conv_vae
-  from nvae_jax.train import setup
+  from nvae_jax.train import build
   from nvae_jax.train import state as state_lib
 
   config = _config_with(decoder, data_dir, overrides)
-  run = setup.build(config)
+  run = build.build(config)
   pipe = make_pipeline(config.data, 'test', train=False, seed=0)
   x = np.concatenate([b['image'] for b, _ in zip(iter(pipe), range(
       -(-num_images // config.data.eval_batch_size)))])[:num_images]
   x = jnp.asarray(x, jnp.float32)
-  state, _, step, _ = setup.restore_latest(run, workdir, pipe.image_shape, config.data.batch_size)
+  state, _, step, _ = build.restore_latest(run, workdir, pipe.image_shape, config.data.batch_size)
   variables = state_lib.variables_of(state)
   module = run.task._module(tuple(x.shape[1:]))  # pylint: disable=protected-access
 
@@ -159,8 +161,7 @@ def inspect(workdir: str, data_dir: str, decoder: str, overrides: list[str],
 
 def _config_with(decoder: str, data_dir: str, overrides: list[str]):
   # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, ROOT)
-  from configs import sigma_vae_mnist
+  sigma_vae_mnist = config_files.load_module(os.path.join(ROOT, CONFIG), 'sigma_vae_mnist')
   config = sigma_vae_mnist.get_config(decoder)
   config.data.data_dir = data_dir
   for o in overrides:  # '--config.a.b=value'
@@ -207,19 +208,18 @@ def reset_adam(workdir: str, data_dir: str, decoder: str, overrides: list[str], 
   gradient norm.  A causal test of the stall: if the collapsed run moves again, the parameters
   were held by Adam's memory of the early gradients rather than by a stationary point."""
   # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, ROOT)
   import jax
   import jax.numpy as jnp
   import optax
   from nvae_jax.data import make_pipeline
-  from nvae_jax.train import optim, setup
+  from nvae_jax.train import build, optim
   from nvae_jax.train import state as state_lib
 
   config = _config_with(decoder, data_dir, overrides)
-  run = setup.build(config)
+  run = build.build(config)
   if workdir:
     pipe = make_pipeline(config.data, config.data.train_split, train=True, seed=config.seed + 1)
-    state, _, step0, _ = setup.restore_latest(run, workdir, pipe.image_shape,
+    state, _, step0, _ = build.restore_latest(run, workdir, pipe.image_shape,
                                               config.data.batch_size)
     variables = state_lib.variables_of(state)
   else:  # a fresh start with the reference code's (PyTorch's default) initialisation
