@@ -76,7 +76,8 @@ def main(argv=None) -> dict:
              compute_dtype=config.precision.compute_dtype, compile_s=round(compile_s, 2),
              ms_per_image=round(1e3 * statistics.median(times) / args.batch, 2),
              batch_ms_median=round(1e3 * statistics.median(times), 1), runs=args.runs,
-             peak_rss_mb=bench._rss_mb('VmHWM'), **bench._memory_stats(),  # pylint: disable=protected-access
+             commit=bench.git_commit(ROOT), peak_rss_mb=bench.rss_mb('VmHWM'),
+             **bench.memory_stats(),
              command='python ' + ' '.join([os.path.relpath(__file__, ROOT)] + list(
                  sys.argv[1:] if argv is None else argv)))
   print(json.dumps(out), flush=True)

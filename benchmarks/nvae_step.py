@@ -50,7 +50,7 @@ if '--root' in ' '.join(sys.argv):  # run another checkout (side-by-side compari
       sys.path.insert(0, ROOT)
 
 
-def _rss_mb(field: str = 'VmRSS') -> float | None:
+def rss_mb(field: str = 'VmRSS') -> float | None:
   """Current (VmRSS) or peak (VmHWM) resident memory of this process in MB (Linux)."""
   try:
     with open('/proc/self/status', encoding='ascii') as f:
@@ -62,7 +62,7 @@ def _rss_mb(field: str = 'VmRSS') -> float | None:
   return None
 
 
-def _memory_stats() -> dict:
+def memory_stats() -> dict:
   """Peak device memory on accelerators (``device.memory_stats()``), RSS on CPU."""
   import jax  # pylint: disable=import-outside-toplevel
   dev = jax.devices()[0]
@@ -73,7 +73,7 @@ def _memory_stats() -> dict:
   return {}
 
 
-def _git_commit(root: str) -> str:
+def git_commit(root: str) -> str:
   import subprocess  # pylint: disable=import-outside-toplevel
   try:
     return subprocess.run(['git', '-C', root, 'rev-parse', '--short', 'HEAD'], check=True,
@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
   t0, c0 = time.perf_counter(), time.process_time()
   compiled = update.lower(abstract, batch).compile()
   compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-  rss_after_compile = _rss_mb('VmHWM')
+  rss_after_compile = rss_mb('VmHWM')
 
   t0 = time.perf_counter()
   state = build.init_state(run, batch, shardings)
@@ -222,7 +222,7 @@ def main(argv=None) -> dict:
       published_global_batch=published_global, reduced_batch=reduced,
       compute_dtype=config.precision.compute_dtype, remat=config.remat.policy,
       image_shape=list(shape), params=state_lib.num_params(abstract['params']),
-      commit=_git_commit(args.root), abstract_state_s=round(abstract_s, 2),
+      commit=git_commit(args.root), abstract_state_s=round(abstract_s, 2),
       init_s=round(init_s, 2),
       compile_s=round(compile_s, 2), compile_cpu_s=round(compile_cpu_s, 2),
       first_step_s=round(first_step_s, 3),
@@ -233,8 +233,8 @@ def main(argv=None) -> dict:
                                               round(os.getloadavg()[0], 2)],
       images_per_s=round(config.data.batch_size / statistics.median(times), 2),
       loss_finite=bool(np.isfinite(loss)), loss=round(loss, 4),
-      peak_rss_mb=_rss_mb('VmHWM'), peak_rss_after_compile_mb=rss_after_compile,
-      rss_end_mb=_rss_mb('VmRSS'), script_s=round(start_to_step_s, 1), **_memory_stats(),
+      peak_rss_mb=rss_mb('VmHWM'), peak_rss_after_compile_mb=rss_after_compile,
+      rss_end_mb=rss_mb('VmRSS'), script_s=round(start_to_step_s, 1), **memory_stats(),
       command='python ' + ' '.join([os.path.relpath(__file__, ROOT)] + list(
           sys.argv[1:] if argv is None else argv)))
   print(json.dumps(out), flush=True)

@@ -94,6 +94,8 @@ import subprocess
 import sys
 import time
 
+from nvae_jax.train.loop import read_metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/sigma_vae_mnist.py'
 IMAGE_SHAPE = (28, 28, 1)
@@ -121,17 +123,10 @@ def _last_json(text: str) -> dict:
 
 def _metrics(workdir: str) -> tuple[dict, dict]:
   """The last ``train`` and ``eval`` records of ``workdir/metrics.jsonl``."""
-  train, ev = {}, {}
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    for line in f:
-      rec = json.loads(line)
-      if rec.get('split') == 'train':
-        train = rec
-      else:
-        ev = rec
+  train, ev = read_metrics(workdir, 'train'), read_metrics(workdir, 'eval')
   if not ev:
     raise RuntimeError(f'{workdir}/metrics.jsonl: no evaluation record')
-  return train, ev
+  return train[-1] if train else {}, ev[-1]
 
 
 def recon_at_sigma(sse: float, sigma: float, dims: int = DIMS) -> float:

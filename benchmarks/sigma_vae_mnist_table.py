@@ -45,7 +45,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=wrong-import-position
-from sigma_vae_mnist_sweep import CONFIG, ROOT, _decoder_sigma, _last_json, _montage, _run
+from sigma_vae_mnist_sweep import (CONFIG, ROOT, _decoder_sigma, _last_json, _montage, _run,
+                                   read_metrics)
 
 STEPS = 4690
 TEST_SIZE = 10000
@@ -101,14 +102,9 @@ def _train(cmd: list[str], log, name: str, progress_every: int, rows_after: int,
 
 
 def _final_eval(workdir: str, steps: int) -> tuple[dict, dict]:
-  train, ev = {}, {}
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    for line in f:
-      rec = json.loads(line)
-      if rec.get('split') == 'train':
-        train = rec
-      elif rec.get('step') == steps:
-        ev = rec
+  train = read_metrics(workdir, 'train')
+  ev = [r for r in read_metrics(workdir, 'eval') if r.get('step') == steps]
+  train, ev = (train[-1] if train else {}), (ev[-1] if ev else {})
   if not ev or ev.get('num_examples') != TEST_SIZE:
     raise RuntimeError(f'{workdir}: no evaluation at step {steps} on {TEST_SIZE} test images')
   return train, ev

@@ -124,6 +124,17 @@ def set_dataset(c: ml_collections.ConfigDict, dataset: str, *, num_bits: int = 8
   return c
 
 
+def _set_architecture(m: ml_collections.ConfigDict, *, channels: int, pre: tuple[int, int],
+                      post: tuple[int, int], scales: int, groups: int) -> None:
+  """Sets the network size fields of ``config.model`` (encoder and decoder alike)."""
+  m.num_channels_enc = channels
+  m.num_channels_dec = channels
+  m.num_preprocess_blocks, m.num_preprocess_cells = pre
+  m.num_postprocess_blocks, m.num_postprocess_cells = post
+  m.num_latent_scales = scales
+  m.num_groups_per_scale = groups
+
+
 def published(*, dataset: str, num_bits: int = 8, channels: int, pre: tuple[int, int], post: tuple[int, int],
               scales: int, groups: int, ada: bool, min_groups: int, num_nf: int,
               batch_per_gpu: int, gpus: int, epochs: int, warmup_epochs: int, lr: float,
@@ -150,12 +161,7 @@ def published(*, dataset: str, num_bits: int = 8, channels: int, pre: tuple[int,
   c = get_config()
   set_dataset(c, dataset, num_bits=num_bits)
   m = c.model
-  m.num_channels_enc = channels
-  m.num_channels_dec = channels
-  m.num_preprocess_blocks, m.num_preprocess_cells = pre
-  m.num_postprocess_blocks, m.num_postprocess_cells = post
-  m.num_latent_scales = scales
-  m.num_groups_per_scale = groups
+  _set_architecture(m, channels=channels, pre=pre, post=post, scales=scales, groups=groups)
   m.ada_groups = ada
   m.min_groups_per_scale = min_groups
   m.num_nf = num_nf
@@ -196,12 +202,7 @@ def small_model(c: ml_collections.ConfigDict, *, channels: int = 16, pre: tuple[
   lr 5e-3 (issue #2: 1e-2 is too high for small batches).
   """
   m = c.model
-  m.num_channels_enc = channels
-  m.num_channels_dec = channels
-  m.num_preprocess_blocks, m.num_preprocess_cells = pre
-  m.num_postprocess_blocks, m.num_postprocess_cells = post
-  m.num_latent_scales = scales
-  m.num_groups_per_scale = groups
+  _set_architecture(m, channels=channels, pre=pre, post=post, scales=scales, groups=groups)
   m.min_groups_per_scale = min(m.min_groups_per_scale, groups)
   m.num_cell_per_cond_enc = 1
   m.num_cell_per_cond_dec = 1
