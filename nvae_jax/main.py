@@ -30,14 +30,15 @@ from nvae_jax import errors
 from nvae_jax.config import files as config_files
 
 MODES = ('train', 'eval', 'sample', 'describe')
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              'configs', 'quickstart.py')
+# Inside the package, so that a bare `nvae-jax` also works outside a checkout.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config', 'quickstart.py')
 
 
 def _define_flags(argv: Sequence[str]) -> flags.FlagValues:
   fv = flags.FlagValues()
   config_files.define_config_file(
-      'config', 'Config file path.py[:arg] (default configs/quickstart.py); override fields '
+      'config', 'Config file path.py[:arg] (default: the offline quickstart, '
+      'nvae_jax/config/quickstart.py = configs/quickstart.py); override fields '
       'with --config.section.field=value.', flag_values=fv, sys_argv=argv)
   flags.DEFINE_string('workdir', None, 'Output folder: checkpoints, metrics, images.',
                       flag_values=fv)

@@ -180,6 +180,22 @@ def get_config(arg=None):
     _main(f'--config={path}', f'--workdir={tmp_path}')
 
 
+def test_default_config_ships_with_the_package(tmp_path):
+  """A bare `nvae-jax` loads the quickstart from the package, whatever the working directory."""
+  package = os.path.dirname(os.path.abspath(main_lib.__file__))
+  assert os.path.commonpath([package, main_lib.DEFAULT_CONFIG]) == package
+  from configs import quickstart  # pylint: disable=import-outside-toplevel
+  from nvae_jax.config import quickstart as packaged  # pylint: disable=import-outside-toplevel
+  for arg in (None, 'bernoulli'):
+    assert quickstart.get_config(arg).to_json() == packaged.get_config(arg).to_json()
+  proc = subprocess.run([sys.executable, '-m', 'nvae_jax.main', '--mode=describe'],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  (r,) = _json_lines(proc.stdout)
+  assert r['model'] == 'conv_vae' and r['inputs'] == [16, 16, 1]
+
+
 def test_missing_workdir_and_module_entry_point():
   with pytest.raises(errors.FlagError, match='--workdir'):
     _main(f'--config={QUICKSTART}', '--mode=eval')
