@@ -38,6 +38,7 @@ import os
 import sys
 
 from nvae_jax.config import files as config_files
+from nvae_jax.train.loop import read_metrics
 
 _SWEEP = config_files.load_module(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sigma_vae_mnist_sweep.py'),
@@ -52,19 +53,15 @@ VARIANTS = {
     'half_b64': ('gaussian_optimal', ['--config.data.batch_size=64',
                                       '--config.model.channels=(16,32,64)']),
     'seed1': ('gaussian_optimal', ['--config.seed=1']),
+    'seed2': ('gaussian_optimal', ['--config.seed=2']),
     'sigma1': ('gaussian_fixed', []),
     'shared': ('gaussian_shared', []),
 }
 
 
 def trajectory(workdir: str) -> list[dict]:
-  out = []
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    for line in f:
-      rec = json.loads(line)
-      if rec.get('split') == 'train':
-        out.append({k: rec.get(k) for k in ('step', 'kl', 'sigma', 'recon', 'grad_norm')})
-  return out
+  return [{k: rec.get(k) for k in ('step', 'kl', 'sigma', 'recon', 'grad_norm')}
+          for rec in read_metrics(workdir, 'train')]
 
 
 def adam_step_ratio(opt_state, b1: float, b2: float) -> dict:
