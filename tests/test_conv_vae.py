@@ -250,3 +250,30 @@ def test_optimal_sigma_stop_gradient_leaves_the_gradient_unchanged():
             params))
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize('relu', [False, True])
+def test_decoder_input_relu_option(optimal, relu):
+  """model.dec_in_relu: the decoder equals dense -> [ReLU] -> reshape -> up-sampling layers,
+  recomputed here layer by layer from the same parameters (the reference code has no ReLU)."""
+  task, _, variables, c = optimal
+  c2 = _config('gaussian_optimal', dec_in_relu=relu)
+  module = build_task(c2)._module((H, W, C))  # pylint: disable=protected-access
+  assert module.dec_in_relu is relu
+  z = jax.random.normal(_key(3), (3, L))
+  out = module.apply(variables, z, method=conv_vae.ConvVAE.decode)
+  p = variables['params']
+  h = z @ p['dec_in']['kernel'] + p['dec_in']['bias']
+  assert bool(jnp.any(h < 0)) and bool(jnp.any(h > 0))  # the ReLU makes a difference here
+  h = jax.nn.relu(h) if relu else h
+  h = h.reshape((3, H // 4, W // 4, 8))
+  layers = [conv_vae.Upsample2x(8, name='dec_0'), conv_vae.Upsample2x(4, name='dec_1'),
+            nn.ConvTranspose(module.likelihood.num_channels(C), (3, 3), padding='SAME')]
+  for i, layer in enumerate(layers):
+    h = layer.apply({'params': p[f'dec_{i}']}, h)
+    h = jax.nn.relu(h) if i < 2 else h
+  np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-5)
+  # The sigma-VAE configs follow the reference code; configs without the field keep the ReLU.
+  assert build_task(c).dec_in_relu is True and c2.model.dec_in_relu is relu
+  from nvae_jax.config.conv_vae import model_config  # pylint: disable=import-outside-toplevel
+  assert model_config().dec_in_relu is False

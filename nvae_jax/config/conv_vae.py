@@ -17,4 +17,4 @@ def model_config(decoder: str = 'gaussian_optimal') -> ml_collections.ConfigDict
       strides=(1, 2, 2), log_sigma=0.0, clip_fixed_sigma=False, log_sigma_min=-6.0,
       log_sigma_max=config_dict.placeholder(float), sigma_stop_gradient=False,
       sigma_momentum=0.99, sigma_eval='running', num_mixture=10, faithful=False,
-      sample_output='auto'))
+      sample_output='auto', dec_in_relu=False))

@@ -6,7 +6,8 @@ Model (images x in [0, 1], NHWC):
   ``model.strides`` (default 1, 2, 2, as the sigma-VAE reference code: 28x28 -> 7x7), kernel 3
   for stride 1 and 4 for stride 2, each followed by ReLU; flatten; a dense layer to the mean and
   log-scale of q(z|x) = N(mu, diag sigma^2), z of ``model.latent_dim`` (default 20) dimensions;
-* decoder: dense to the encoder's last feature map, ReLU, then transposed convolutions mirroring
+* decoder: dense to the encoder's last feature map (followed by a ReLU only with
+  ``model.dec_in_relu``: the sigma-VAE reference code has none), then transposed convolutions mirroring
   the encoder back to H x W (kernel 4 for stride 2, computed as a 3x3 convolution followed by
   depth-to-space, :class:`Upsample2x`, which is the same function with the same parameters;
   kernel 3 for stride 1), the last one producing the K = ``num_channels(C)`` raw channels the
@@ -43,7 +44,14 @@ name), ``latent_dim``, ``beta``, ``channels``, ``strides``, ``log_sigma`` (gauss
 ``sigma_momentum`` and ``sigma_eval`` (optimal-sigma decoders), ``num_mixture`` and ``faithful``
 (logistic_mixture), ``sample_output`` (``'auto'``: decoder means for the Gaussian and Bernoulli
 decoders, as the sigma-VAE paper shows, pixel samples for categorical / logistic_mixture;
-``'mean'``; ``'sample'``).  Categorical and logistic-mixture decoders use ``data.num_bits``.
+``'mean'``; ``'sample'``), ``dec_in_relu`` (a ReLU after the decoder's dense input layer:
+``configs/sigma_vae_*.py`` set False, as the reference code; True, the default for configs that do
+not name the field, keeps the network of configs written before it existed).  Categorical and
+logistic-mixture decoders use ``data.num_bits``.
+
+The reference code's other layer shapes differ from this network (its third encoder conv is 5x5,
+its transposed convs 6x6, 6x6 and 5x5, and its encoder outputs log sigma^2 where this one outputs
+log sigma); only the ReLU turned out to matter for training at the paper's recipe (README).
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ MODEL_DEFAULTS = dict(
     decoder='gaussian_optimal', latent_dim=20, beta=1.0, channels=(32, 64, 128),
     strides=(1, 2, 2), log_sigma=0.0, clip_fixed_sigma=False, log_sigma_min=-6.0,
     log_sigma_max=None, sigma_stop_gradient=False, sigma_momentum=0.99, sigma_eval='running',
-    num_mixture=10, faithful=False, sample_output='auto')
+    num_mixture=10, faithful=False, sample_output='auto', dec_in_relu=True)
 
 _STATEFUL = ('gaussian_optimal', 'gaussian_optimal_per_image')
 
@@ -154,6 +162,8 @@ class ConvVAE(nn.Module):
   #: How the stride-2 decoder layers compute: 'subpixel' (``Upsample2x``, fast on CPU) or
   #: 'transpose' (``nn.ConvTranspose``); the same parameters and the same function.
   upsample: str = 'subpixel'
+  #: ReLU after the dense input layer of the decoder (the sigma-VAE reference code has none).
+  dec_in_relu: bool = False
 
   def setup(self):
     h, w, c = self.image_shape
@@ -185,7 +195,9 @@ class ConvVAE(nn.Module):
 
   def decode(self, z):
     """z [N, latent_dim] -> raw decoder output float32 [N, H, W, K]."""
-    h = nn.relu(self.dec_in(z.astype(self.dtype)))
+    h = self.dec_in(z.astype(self.dtype))
+    if self.dec_in_relu:
+      h = nn.relu(h)
     h = h.reshape((z.shape[0],) + self.feat_shape)
     for i, layer in enumerate(self.dec):
       h = layer(h)
@@ -247,6 +259,9 @@ class ConvVAETask(ModelTaskBase):
                        f'length, got {self.channels} and {self.strides}')
     if any(s not in (1, 2) for s in self.strides):
       raise ValueError(f'model.strides: expected entries 1 or 2, got {self.strides}')
+    self.dec_in_relu = get('dec_in_relu')
+    if not isinstance(self.dec_in_relu, bool):
+      raise ValueError(f'model.dec_in_relu: expected a bool, got {self.dec_in_relu!r}')
     self.sample_output = get('sample_output')
     if self.sample_output not in ('auto', 'mean', 'sample'):
       raise ValueError(f"model.sample_output: expected 'auto', 'mean' or 'sample', got "
@@ -323,7 +338,7 @@ class ConvVAETask(ModelTaskBase):
                        f'model.strides={self.strides}), got H={h}, W={w}')
     self.likelihood.num_channels(c)  # raises for unsupported channel counts
     return ConvVAE(image_shape=(h, w, c), channels=self.channels, strides=self.strides,
-                   latent_dim=self.latent_dim, dtype=self.dtype,
+                   latent_dim=self.latent_dim, dtype=self.dtype, dec_in_relu=self.dec_in_relu,
                    likelihood=dists.make_output_distribution(self.decoder, **self._decoder_opts))
 
   def _image(self, batch):
