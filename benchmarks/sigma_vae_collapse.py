@@ -10,14 +10,17 @@ each logged step, the first logged step with KL < 0.1 (collapsed) and the last l
 killed run resumes from its checkpoint; a variant whose ``trajectory.json`` exists is not re-run.
 Variants (``--variants``, comma-separated):
 
-* ``default``: ``gaussian_optimal``, the recipe as is;
+* ``default``: ``gaussian_optimal``, the recipe as configured (no ReLU after the decoder's dense
+  input layer, as in the reference code);
+* ``relu``: the recipe on the earlier network, with that ReLU (``model.dec_in_relu=True``); every
+  variant below runs that network too, as they were measured before the fix:
 * ``stop_grad``: ``model.sigma_stop_gradient=True`` (the option the sigma-VAE author mentions
   "may help stability sometimes");
 * ``lr3e-4``: Adam learning rate 3e-4 instead of 1e-3;
 * ``batch64``: batch 64 (the short sweep's batch; full-size network);
 * ``half_b64``: filters 16/32/64 and batch 64 (the short sweep's configuration, which did not
   collapse in 600 steps);
-* ``seed1``: the recipe with seed 1;
+* ``seed1``, ``seed2``: the recipe with seeds 1 and 2 (other initialisations and data orders);
 * ``sigma1``: ``gaussian_fixed`` with sigma = 1 (MSE), for comparison;
 * ``shared``: ``gaussian_shared`` (learned sigma, starting at 1).
 
@@ -45,17 +48,21 @@ _SWEEP = config_files.load_module(
     'sigma_vae_mnist_sweep')
 CONFIG, ROOT, _montage, _run = _SWEEP.CONFIG, _SWEEP.ROOT, _SWEEP._montage, _SWEEP._run
 
+# The variants measured before the fix ran the earlier network, with a ReLU after the decoder's
+# dense input layer (``model.dec_in_relu``); the reference code and the configs now have none.
+RELU = ['--config.model.dec_in_relu=True']
 VARIANTS = {
     'default': ('gaussian_optimal', []),
-    'stop_grad': ('gaussian_optimal', ['--config.model.sigma_stop_gradient=True']),
-    'lr3e-4': ('gaussian_optimal', ['--config.optim.lr=0.0003']),
-    'batch64': ('gaussian_optimal', ['--config.data.batch_size=64']),
-    'half_b64': ('gaussian_optimal', ['--config.data.batch_size=64',
-                                      '--config.model.channels=(16,32,64)']),
-    'seed1': ('gaussian_optimal', ['--config.seed=1']),
-    'seed2': ('gaussian_optimal', ['--config.seed=2']),
-    'sigma1': ('gaussian_fixed', []),
-    'shared': ('gaussian_shared', []),
+    'relu': ('gaussian_optimal', RELU),
+    'stop_grad': ('gaussian_optimal', RELU + ['--config.model.sigma_stop_gradient=True']),
+    'lr3e-4': ('gaussian_optimal', RELU + ['--config.optim.lr=0.0003']),
+    'batch64': ('gaussian_optimal', RELU + ['--config.data.batch_size=64']),
+    'half_b64': ('gaussian_optimal', RELU + ['--config.data.batch_size=64',
+                                             '--config.model.channels=(16,32,64)']),
+    'seed1': ('gaussian_optimal', RELU + ['--config.seed=1']),
+    'seed2': ('gaussian_optimal', RELU + ['--config.seed=2']),
+    'sigma1': ('gaussian_fixed', RELU),
+    'shared': ('gaussian_shared', RELU),
 }
 
 
@@ -123,8 +130,10 @@ def inspect(workdir: str, data_dir: str, decoder: str, overrides: list[str],
 
   def probe(m, x):
     mu, log_sigma = m.encode(x)
-    h = jax.nn.relu(m.dec_in(mu))
-    active = [jnp.mean(h > 0)]
+    h = m.dec_in(mu)
+    if m.dec_in_relu:
+      h = jax.nn.relu(h)
+    active = [jnp.mean(h > 0)]  # with no ReLU there: the fraction of positive units
     h = h.reshape((x.shape[0],) + m.feat_shape)
     for i, layer in enumerate(m.dec):
       h = layer(h)
@@ -257,12 +266,13 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n', maxsplit=1)[0])
   p.add_argument('--workdir', default='/tmp/sigma_vae_collapse')
   p.add_argument('--data_dir', default='../shared/data/tfds')
-  p.add_argument('--variants', default='stop_grad,lr3e-4,half_b64,batch64,seed1')
+  p.add_argument('--variants', default='default,relu')
   p.add_argument('--steps', type=int, default=400)
   p.add_argument('--log_every', type=int, default=10)
   p.add_argument('--figure', default='', help='montage of the variants\' reconstructions here')
   p.add_argument('--inspect', default='', help='only print inspect() of this workdir')
-  p.add_argument('--inspect_variant', default='default')
+  p.add_argument('--inspect_variant', default='default',
+                 help='the variant whose network and overrides the checkpoint was trained with')
   p.add_argument('--reset_adam', default='', help='only run reset_adam() on this workdir')
   p.add_argument('--reset_steps', type=int, default=100)
   p.add_argument('--torch_init', action='store_true',
