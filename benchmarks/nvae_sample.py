@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,8 +77,7 @@ def main(argv=None) -> dict:
              batch_ms_median=round(1e3 * statistics.median(times), 1), runs=args.runs,
              commit=bench.git_commit(ROOT), peak_rss_mb=bench.rss_mb('VmHWM'),
              **bench.memory_stats(),
-             command='python ' + ' '.join([os.path.relpath(__file__, ROOT)] + list(
-                 sys.argv[1:] if argv is None else argv)))
+             command=bench.command_line(__file__, argv))
   print(json.dumps(out), flush=True)
   return out
 

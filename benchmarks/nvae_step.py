@@ -73,6 +73,12 @@ def memory_stats() -> dict:
   return {}
 
 
+def command_line(script: str, argv=None) -> str:
+  """The command that reproduces this run: ``python <script relative to the root> <args>``."""
+  return 'python ' + ' '.join([os.path.relpath(script, ROOT)] + list(
+      sys.argv[1:] if argv is None else argv))
+
+
 def git_commit(root: str) -> str:
   import subprocess  # pylint: disable=import-outside-toplevel
   try:
@@ -235,8 +241,7 @@ def main(argv=None) -> dict:
       loss_finite=bool(np.isfinite(loss)), loss=round(loss, 4),
       peak_rss_mb=rss_mb('VmHWM'), peak_rss_after_compile_mb=rss_after_compile,
       rss_end_mb=rss_mb('VmRSS'), script_s=round(start_to_step_s, 1), **memory_stats(),
-      command='python ' + ' '.join([os.path.relpath(__file__, ROOT)] + list(
-          sys.argv[1:] if argv is None else argv)))
+      command=command_line(__file__, argv))
   print(json.dumps(out), flush=True)
   return out
 
