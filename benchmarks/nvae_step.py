@@ -188,7 +188,13 @@ def main(argv=None) -> dict:
   t0 = time.perf_counter()
   abstract, shardings = build.abstract_state(run, spec)
   abstract_s = time.perf_counter() - t0
-  update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings)
+  if 'update_programs' in config.train:
+    programs = step_lib.resolve_update_programs(config.train.update_programs, platform)
+    update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings,
+                                      programs)
+  else:  # checkouts before the two-program update
+    programs = 'one'
+    update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings)
 
   levels = 2 if config.data.binarize != 'none' else 2**int(config.data.num_bits)
   rng = np.random.default_rng(0)
@@ -202,6 +208,11 @@ def main(argv=None) -> dict:
   compiled = update.lower(abstract, batch).compile()
   compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
   rss_after_compile = rss_mb('VmHWM')
+  try:  # as the training loop does after its compile
+    from nvae_jax import host_memory  # pylint: disable=import-outside-toplevel
+    host_memory.release_freed_heap()
+  except ImportError:  # checkouts before it
+    pass
 
   t0 = time.perf_counter()
   state = build.init_state(run, batch, shardings)
@@ -227,6 +238,7 @@ def main(argv=None) -> dict:
       overrides=args.set, batch_per_device=per_device, global_batch=config.data.batch_size,
       published_global_batch=published_global, reduced_batch=reduced,
       compute_dtype=config.precision.compute_dtype, remat=config.remat.policy,
+      update_programs=programs,
       image_shape=list(shape), params=state_lib.num_params(abstract['params']),
       commit=git_commit(args.root), abstract_state_s=round(abstract_s, 2),
       init_s=round(init_s, 2),

@@ -1,11 +1,15 @@
-"""Start-up: the persistent compilation cache settings (``nvae_jax.compile_cache``)."""
+"""Start-up and host memory: the persistent compilation cache settings (``nvae_jax.compile_cache``)
+and returning the compiler's freed heap (``nvae_jax.host_memory``)."""
 
+import ctypes
+import ctypes.util
 import os
 
 import jax
 import jax.numpy as jnp
+import pytest
 
-from nvae_jax import compile_cache
+from nvae_jax import compile_cache, host_memory
 
 
 def test_resolve_rules(monkeypatch, tmp_path):
@@ -39,3 +43,28 @@ def test_enable_after_a_compile_moves_the_cache(tmp_path):
   finally:
     compile_cache.enable(before or 'off')
     jax.config.update('jax_persistent_cache_min_compile_time_secs', min_time)
+
+
+def _rss_mb() -> float:
+  with open('/proc/self/status') as f:
+    return next(int(line.split()[1]) for line in f if line.startswith('VmRSS')) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status') or not host_memory._malloc_trim(),
+                    reason='needs Linux with glibc')
+def test_release_freed_heap_returns_pages_to_the_system():
+  """200 MB of freed 4 KB heap blocks, pinned below a live block, go back to the system."""
+  libc = ctypes.CDLL(ctypes.util.find_library('c'))
+  libc.malloc.restype = ctypes.c_void_p
+  libc.free.argtypes = [ctypes.c_void_p]
+  blocks = [libc.malloc(4096) for _ in range(50_000)]
+  for b in blocks:
+    ctypes.memset(b, 1, 4096)  # touch the pages, so that they are resident
+  pin = libc.malloc(4096)  # keeps free() from shrinking the heap top by itself
+  for b in blocks:
+    libc.free(b)
+  before = _rss_mb()
+  assert host_memory.release_freed_heap()
+  after = _rss_mb()
+  libc.free(pin)
+  assert before - after > 150, (before, after)

@@ -45,7 +45,7 @@ def _batches(n):
 class _Runner:
   """A compiled step on one mesh, with its initial state."""
 
-  def __init__(self, task, config, mesh, fsdp_min_size=step_lib.FSDP_MIN_SIZE):
+  def __init__(self, task, config, mesh, fsdp_min_size=step_lib.FSDP_MIN_SIZE, programs='one'):
     self.mesh = mesh
     self.tx, self.schedule = optim.make_optimizer(config.optim, 100)
     batch0 = step_lib.put_batch(_batches(1)[0], mesh)
@@ -54,7 +54,8 @@ class _Runner:
     self.shardings = step_lib.state_shardings(shapes, mesh, min_size=fsdp_min_size)
     self.init = jax.jit(init, out_shardings=self.shardings)
     self.batch0 = batch0
-    self.step = step_lib.make_train_step(task, self.tx, self.schedule, mesh, self.shardings)
+    self.step = step_lib.make_train_step(task, self.tx, self.schedule, mesh, self.shardings,
+                                         programs)
 
   def fresh_state(self):
     return self.init(self.batch0)
@@ -77,10 +78,16 @@ def task(config):
   return TinyVAETask(config)
 
 
+@pytest.fixture(scope='module', params=['one', 'two'])
+def programs(request):
+  """The update as one XLA program, or as a gradient program and an optimizer program."""
+  return request.param
+
+
 @pytest.fixture(scope='module')
-def single(task, config):
+def single(task, config, programs):
   mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), jax.devices()[:1])
-  return _Runner(task, config, mesh)
+  return _Runner(task, config, mesh, programs=programs)
 
 
 def _assert_trees_close(a, b, rtol, atol):
@@ -92,11 +99,11 @@ def _assert_trees_close(a, b, rtol, atol):
 
 
 @pytest.mark.parametrize('fsdp', [1, 2])
-def test_sharded_step_equals_single_device(task, config, single, fsdp):
+def test_sharded_step_equals_single_device(task, config, single, fsdp, programs):
   assert jax.device_count() == 8, 'conftest should provide 8 CPU devices'
   mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=fsdp)))
   assert dict(mesh.shape) == {'data': 8 // fsdp, 'fsdp': fsdp}
-  sharded = _Runner(task, config, mesh, fsdp_min_size=1)
+  sharded = _Runner(task, config, mesh, fsdp_min_size=1, programs=programs)
   if fsdp > 1:  # the conv kernel [3, 3, 1, 4] is split on its last axis, moments too
     assert sharded.shardings['params']['conv']['kernel'].spec == P(None, None, None, 'fsdp')
     adam = sharded.shardings["opt_state"].inner_state[2]
@@ -111,6 +118,35 @@ def test_sharded_step_equals_single_device(task, config, single, fsdp):
   # Batch-norm statistics of the global batch (synchronised BN without an axis name).
   _assert_trees_close(state_n['model_state'], state_1['model_state'], rtol=1e-5, atol=1e-6)
   assert int(state_n['step']) == 3
+
+
+def test_two_programs_equal_one(task, config, single, programs):
+  """The gradient + optimizer programs compute the same update as the single program."""
+  if programs == 'one':
+    pytest.skip('compares the two-program update with the one-program update')
+  one = _Runner(task, config, single.mesh, programs='one')
+  assert isinstance(single.step, step_lib.TwoProgramUpdate)
+  batches = _batches(3)
+  state_2, losses_2 = single.run(batches)
+  state_1, losses_1 = one.run(batches)
+  np.testing.assert_allclose(losses_2, losses_1, rtol=1e-6)
+  _assert_trees_close(state_2['params'], state_1['params'], rtol=1e-6, atol=1e-7)
+  _assert_trees_close(state_2['model_state'], state_1['model_state'], rtol=1e-6, atol=1e-7)
+  _assert_trees_close(state_2['opt_state'], state_1['opt_state'], rtol=1e-6, atol=1e-7)
+  # Compiled ahead of time (as the training loop does), it is the same update again.
+  compiled = single.step.lower(single.fresh_state(), single.batch0).compile()
+  state_c = single.fresh_state()
+  for b in batches:
+    state_c, _ = compiled(state_c, step_lib.put_batch(b, single.mesh))
+  _assert_trees_close(step_lib.to_host(state_c)['params'], state_2['params'], rtol=1e-6, atol=1e-7)
+
+
+def test_update_programs_setting():
+  assert step_lib.resolve_update_programs('auto', 'cpu') == 'two'
+  assert step_lib.resolve_update_programs('auto', 'gpu') == 'one'
+  assert step_lib.resolve_update_programs('one', 'cpu') == 'one'
+  with pytest.raises(ValueError, match='train.update_programs'):
+    step_lib.resolve_update_programs('three', 'cpu')
 
 
 def test_batch_norm_statistics_are_global(task, single):

@@ -23,7 +23,9 @@ Field reference (the platform validates these before any compilation):
   exceeds it, 0 = only non-finite), ``max_consecutive_skips``.
 * ``train``: ``num_steps``, ``log_every``, ``eval_every``, ``num_eval_batches``,
   ``checkpoint_every``, ``keep_checkpoints``, ``async_checkpoints``, ``images_every``,
-  ``num_images``.
+  ``num_images``, ``update_programs`` (``'one'``: the train step is one XLA program; ``'two'``: a
+  gradient program and an optimizer program, which compile faster and with less memory on
+  XLA:CPU; ``'auto'``, the default: two on CPU, one on accelerators).
 * ``precision``: ``compute_dtype`` (``float32`` or ``bfloat16``); parameters are always float32.
 * ``remat``: ``policy`` (``none`` or a ``jax.checkpoint_policies`` name such as
   ``nothing_saveable`` / ``dots_saveable``).
@@ -48,6 +50,7 @@ SCHEDULES = ('cosine', 'constant')
 WEIGHT_DECAY_MODES = ('coupled', 'decoupled')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 SAMPLE_OUTPUT_MODES = ('auto', 'sample', 'mean')
+UPDATE_PROGRAMS = ('auto', 'one', 'two')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -70,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       num_steps=1000, log_every=50, eval_every=500, num_eval_batches=10,
       checkpoint_every=500, keep_checkpoints=2, async_checkpoints=True, images_every=500,
-      num_images=64))
+      num_images=64, update_programs='auto'))
 
   c.precision = ml_collections.ConfigDict(dict(compute_dtype='float32'))
   c.remat = ml_collections.ConfigDict(dict(policy='none'))

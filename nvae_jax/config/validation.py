@@ -130,6 +130,7 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
     _at_least(f'train.{name}', t[name], 0, '>= 0 (0 = off / whole split)')
   _at_least('train.keep_checkpoints', t.keep_checkpoints, 1, 'a positive int')
   _at_least('train.num_images', t.num_images, 1, 'a positive int')
+  _enum('train.update_programs', t.update_programs, schema.UPDATE_PROGRAMS)
 
   _enum('precision.compute_dtype', config.precision.compute_dtype, schema.COMPUTE_DTYPES)
   try:

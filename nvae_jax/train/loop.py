@@ -36,7 +36,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from nvae_jax import errors
+from nvae_jax import errors, host_memory
 from nvae_jax import progress as progress_lib
 from nvae_jax.train import evaluate as eval_lib
 from nvae_jax.train import preemption
@@ -265,7 +265,8 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
     writer.print(f'Initialised {c.model.name}: {n_params:,} parameters on '
                  f'{jax.device_count()} device(s), mesh {dict(run.mesh.shape)}.')
 
-  train_step = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings)
+  train_step = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings,
+                                       c.train.update_programs)
   var_sharding = build.variables_sharding(shardings)
   eval_step = eval_lib.make_eval_step(run.task, run.mesh, var_sharding)
   sampler = sample_lib.make_sampler(run.task, run.mesh, var_sharding, c.train.num_images,
@@ -329,6 +330,10 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
   previous = None
   t_last, steps_since, overhead = time.time(), 0, 0.0
   batch = global_first
+  # Compile before the first step and return the compiler's freed heap to the system, so that the
+  # step's buffers do not come on top of it (nvae_jax.host_memory).
+  train_step = train_step.lower(state, batch).compile()
+  host_memory.release_freed_heap()
   for step in range(start, total):
     if step > start:
       batch = step_lib.put_batch(next(train_pipe), run.mesh)

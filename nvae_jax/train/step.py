@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nvae_jax.config import schema
 from nvae_jax.train import optim
 from nvae_jax.train.state import TrainState
 
@@ -98,9 +99,48 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   return out
 
 
+def resolve_update_programs(setting: str = 'auto', platform: str | None = None) -> str:
+  """``'one'`` or ``'two'`` for a ``train.update_programs`` value (``'auto'``: two on CPU)."""
+  if setting not in schema.UPDATE_PROGRAMS:
+    raise ValueError(f'train.update_programs: expected one of {schema.UPDATE_PROGRAMS}, got '
+                     f'{setting!r}')
+  if setting != 'auto':
+    return setting
+  platform = platform or jax.devices()[0].platform
+  return 'two' if platform == 'cpu' else 'one'
+
+
+class TwoProgramUpdate:
+  """``update(state, batch)`` as two jitted programs: the gradients, then the optimizer.
+
+  Behaves like the one-program update (``__call__``, and ``lower(state, batch).compile()``
+  returning a callable with the same signature).
+  """
+
+  def __init__(self, gradients, apply):
+    self.gradients, self.apply = gradients, apply
+
+  def __call__(self, state, batch):
+    return self.apply(state, *self.gradients(state, batch))
+
+  def lower(self, state, batch):
+    grads_out = jax.eval_shape(self.gradients, state, batch)
+    return _LoweredPair(self.gradients.lower(state, batch), self.apply.lower(state, *grads_out))
+
+
+class _LoweredPair:
+
+  def __init__(self, gradients, apply):
+    self.gradients, self.apply = gradients, apply
+
+  def compile(self):
+    return TwoProgramUpdate(self.gradients.compile(), self.apply.compile())
+
+
 def make_train_step(task, tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], mesh: Mesh,
-                    state_sharding) -> Callable[[TrainState, Any], tuple[TrainState, dict]]:
+                    state_sharding, programs: str = 'one') -> Callable[[TrainState, Any],
+                                                                        tuple[TrainState, dict]]:
   """Returns ``update(state, batch) -> (state, metrics)``, jitted with ``state`` donated.
 
   ``batch`` must be placed with :func:`put_batch`.  One update:
@@ -108,12 +148,18 @@ def make_train_step(task, tx: optax.GradientTransformation,
   the optimizer (which may skip the update, see :mod:`nvae_jax.train.optim`); a skipped update
   also keeps the old model state (batch-norm statistics of a bad batch are dropped).
 
+  ``programs``: ``'one'`` compiles the update as one XLA program; ``'two'`` as a gradient program
+  and an optimizer program (:class:`TwoProgramUpdate`; ``'auto'``: see
+  :func:`resolve_update_programs`).  The maths is the same.  Two programs compile faster and
+  with a lower peak memory on XLA:CPU (the compiler's memory grows with the program), at the cost
+  of writing the gradients out once between them.
+
   Metrics (float32/int32 scalars, replicated): the task's metrics, ``loss``, ``grad_norm`` (global
   norm of the raw gradient), ``param_norm``, ``lr`` (the rate of this update), ``skipped``,
   ``num_skipped``, ``consecutive_skips``.
   """
 
-  def update(state: TrainState, batch) -> tuple[TrainState, dict]:
+  def gradients(state: TrainState, batch):
     step = state['step']
     rng = jax.random.fold_in(state['rng'], step)
 
@@ -124,6 +170,10 @@ def make_train_step(task, tx: optax.GradientTransformation,
 
     (loss, (metrics, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'])
+    return grads, loss, metrics, dict(new_model_state)
+
+  def apply(state: TrainState, grads, loss, metrics, new_model_state):
+    step = state['step']
     lr = schedule(optim.applied_updates(state['opt_state'], step))
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
@@ -143,8 +193,22 @@ def make_train_step(task, tx: optax.GradientTransformation,
                param_norm=optim.global_norm(params), lr=lr, **counters)
     return new_state, out
 
-  return jax.jit(update, in_shardings=(state_sharding, batch_sharding(mesh)),
-                 out_shardings=(state_sharding, replicated(mesh)), donate_argnums=(0,))
+  def update(state: TrainState, batch) -> tuple[TrainState, dict]:
+    return apply(state, *gradients(state, batch))
+
+  programs = resolve_update_programs(programs, mesh.devices.flat[0].platform)
+  data, rep = batch_sharding(mesh), replicated(mesh)
+  if programs == 'one':
+    return jax.jit(update, in_shardings=(state_sharding, data),
+                   out_shardings=(state_sharding, rep), donate_argnums=(0,))
+  params_sharding = state_sharding['params']
+  model_state_sharding = state_sharding['model_state']
+  return TwoProgramUpdate(
+      jax.jit(gradients, in_shardings=(state_sharding, data),
+              out_shardings=(params_sharding, rep, rep, model_state_sharding)),
+      jax.jit(apply, in_shardings=(state_sharding, params_sharding, rep, rep,
+                                   model_state_sharding),
+              out_shardings=(state_sharding, rep), donate_argnums=(0,)))
 
 
 def to_host(tree):
