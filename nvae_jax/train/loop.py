@@ -285,10 +285,14 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
   data_kind = f'{c.data.num_bits}-bit' if c.data.binarize == 'none' else 'binarised'
 
   def run_eval(step: int) -> dict[str, Any]:
+    # Free heap back to the system before and after: the first call compiles the eval step,
+    # and that compiler peak should not come on top of the training steps' freed buffers.
+    host_memory.release_freed_heap()
     pipe = make_pipe(c.data.eval_split, False)
     report = eval_lib.evaluate_split(
         eval_step, state_lib.variables_of(state), pipe, run.mesh, eval_key,
         num_batches=c.train.num_eval_batches or None, split=c.data.eval_split, **likelihood)
+    host_memory.release_freed_heap()
     writer.write(step, 'eval', {k: v for k, v in report.items() if k != 'split'})
     writer.print(f'eval at step {step} on {report["num_examples"]} {c.data.eval_split} examples: '
                  f'{report["nats_per_image"]:.3f} nats/image, {report["bits_per_dim"]:.4f} '
@@ -298,12 +302,14 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
 
   def write_images(step: int) -> None:
     nonlocal recon_batch
+    host_memory.release_freed_heap()  # as in run_eval: the first call compiles the samplers
     variables = state_lib.variables_of(state)
     samples = step_lib.to_host(sampler(variables, jax.random.fold_in(sample_key, 0)))
     if recon_batch is None:
       recon_batch = step_lib.put_batch(next(make_pipe(c.data.eval_split, False)), run.mesh)
     originals, recons = step_lib.to_host(reconstructor(variables, recon_batch,
                                                        jax.random.fold_in(sample_key, 1)))
+    host_memory.release_freed_heap()
     n = min(c.train.num_images, recons.shape[0])
     originals = originals[:n]
     if not is_main:

@@ -124,8 +124,8 @@ class TwoProgramUpdate:
     return self.apply(state, *self.gradients(state, batch))
 
   def lower(self, state, batch):
-    grads_out = jax.eval_shape(self.gradients, state, batch)
-    return _LoweredPair(self.gradients.lower(state, batch), self.apply.lower(state, *grads_out))
+    gradients = self.gradients.lower(state, batch)
+    return _LoweredPair(gradients, self.apply.lower(state, *gradients.out_info))
 
 
 class _LoweredPair:
