@@ -95,10 +95,16 @@ PER_GPU_BATCH = {'nvae_mnist.py': 200, 'nvae_cifar10.py': 32, 'nvae_celeba64.py'
 
 
 def load_config(spec: str):
-  """``path.py[:arg]`` -> ``get_config(arg)`` (the ml_collections config-file convention)."""
+  """``path.py[:arg]`` -> ``get_config(arg)`` (the ml_collections config-file convention).
+
+  A relative path is looked up in the benchmarked checkout (``--root``) first, so that an older
+  checkout runs with its own configs, then in the working directory.
+  """
   path, _, arg = spec.partition(':')
-  if not os.path.isabs(path) and not os.path.exists(path):
-    path = os.path.join(ROOT, path)
+  if not os.path.isabs(path):
+    in_root = os.path.join(ROOT, path)
+    if os.path.exists(in_root) or not os.path.exists(path):
+      path = in_root
   if not os.path.isfile(path):
     raise FileNotFoundError(f'--config: no config file at {path}')
   mod_spec = importlib.util.spec_from_file_location('_bench_config', path)
