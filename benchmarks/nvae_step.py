@@ -9,7 +9,9 @@ loss with KL balancing and the spectral/BN regularisers, gradient, Adamax, donat
 mesh over every local device, with the global batch = batch_per_device x devices, random
 quantised images as input.
 
-* ``compile_s``: lowering + XLA compilation of the update (``jit(...).lower(...).compile()``);
+* ``compile_s``: lowering + XLA compilation of the update (``update.lower(...).compile()``; both
+  programs when ``update_programs`` is ``two``, the CPU default, see ``train.update_programs``),
+  after which the freed heap is returned to the system as the training loop does;
 * ``first_step_s``: the first call (includes the 40 power iterations of the spectral regulariser
   only in the model's first step; not a steady-state figure);
 * ``step_ms``: median / min over ``--steps`` further calls, each waited for with
