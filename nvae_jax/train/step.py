@@ -1,4 +1,4 @@
-"""The mesh, the shardings and the one jitted, donated update step.
+"""The mesh, the shardings and the jitted, donated update step (one XLA program, or two on CPU).
 
 Parallelism is expressed with ``jax.jit`` and ``NamedSharding`` over a 2-axis mesh
 ``('data', 'fsdp')``:
