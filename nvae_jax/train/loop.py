@@ -285,8 +285,8 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
   data_kind = f'{c.data.num_bits}-bit' if c.data.binarize == 'none' else 'binarised'
 
   def run_eval(step: int) -> dict[str, Any]:
-    # Free heap back to the system before and after: the first call compiles the eval step,
-    # and that compiler peak should not come on top of the training steps' freed buffers.
+    # Freed heap back to the system before and after: the training steps leave freed buffers,
+    # and the first call compiles the eval step (the evaluation's own buffers are not affected).
     host_memory.release_freed_heap()
     pipe = make_pipe(c.data.eval_split, False)
     report = eval_lib.evaluate_split(
