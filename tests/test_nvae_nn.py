@@ -29,7 +29,8 @@ def _np_conv(x, w, stride, pad, groups=1):
   return out
 
 
-@pytest.mark.parametrize('stride,padding,dilation', [(1, 2, 1), (2, 2, 1), (1, 4, 2)])
+@pytest.mark.parametrize('stride,padding,dilation', [(1, 2, 1), (2, 2, 1), (1, 4, 2), (1, 0, 1),
+                                                     (1, 3, 2)])
 def test_depthwise_shift_equals_lax(stride, padding, dilation):
   kx, kk, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (2, 9, 8, 6))

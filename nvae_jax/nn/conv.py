@@ -117,11 +117,10 @@ def _shift_depthwise(x, kernel, padding: int, dilation: int) -> jax.Array:
   With k taps per axis, d the dilation, p the padding and q = d (k - 1) - p:
   dx = the same depthwise conv of the output gradient g with the spatially flipped kernel and
   padding q; dW[i, j, c] = sum_{b,y,x} pad_p(x)[b, y + d i, x + d j, c] g[b, y, x, c], the
-  cross-correlation of the padded input with g at lags (d i, d j), computed for every lag at
-  once with real FFTs over (H, W) (no wrap-around: the lags are at most d (k - 1), the size
-  difference of the padded input and g).  Autodiff of the tap sum computes dW as k^2 separate
-  reductions over (B, H, W), which XLA:CPU runs several times slower.  Being a ``custom_vjp``,
-  it has no forward-mode derivative (``jax.jacfwd``): use ``impl='lax'`` for that.
+  cross-correlation of the padded input with g at the k^2 lags (d i, d j).  Autodiff of the tap
+  sum computes dW as k^2 separate passes over (B, H, W); here one pass per image computes all
+  k^2 sums (``_depthwise_kernel_grad``).  Being a ``custom_vjp``, it has no forward-mode
+  derivative (``jax.jacfwd``): use ``impl='lax'`` for that.
   """
   return _shift_taps(x, kernel, 1, padding, dilation)
 
@@ -135,17 +134,35 @@ def _shift_depthwise_bwd(padding, dilation, res, g):
   k = kernel.shape[0]
   q = dilation * (k - 1) - padding
   dx = _shift_taps(g, kernel[::-1, ::-1], 1, q, dilation)
-  # The FFT runs over the minor axes: move C next to B once, keep the spectra in that layout.
-  xt = jnp.transpose(x.astype(jnp.float32), (0, 3, 1, 2))
-  gt = jnp.transpose(g.astype(jnp.float32), (0, 3, 1, 2))
-  xt = jnp.pad(xt, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-  hp, wp = xt.shape[2:]
-  gt = jnp.pad(gt, ((0, 0), (0, 0), (0, hp - gt.shape[2]), (0, wp - gt.shape[3])))
-  spectrum = jnp.sum(jnp.fft.rfft2(xt) * jnp.conj(jnp.fft.rfft2(gt)), axis=0)
-  corr = jnp.fft.irfft2(spectrum, s=(hp, wp))
-  span = dilation * (k - 1) + 1
-  dkernel = jnp.transpose(corr[:, :span:dilation, :span:dilation], (1, 2, 0))[:, :, None, :]
+  dkernel = _depthwise_kernel_grad(x, g, k, padding, dilation)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+def _sum_all(a: tuple, b: tuple) -> tuple:
+  return tuple(u + v for u, v in zip(a, b))
+
+
+def _depthwise_kernel_grad(x, g, k: int, padding: int, dilation: int) -> jax.Array:
+  """dW[i, j, 0, c] = sum_b sum_{y,x} pad_p(x)[b, y + d i, x + d j, c] g[b, y, x, c], in float32.
+
+  A loop over the batch; for each image one variadic reduction over (y, x) produces all k^2
+  lags, so the image (a few hundred KB) is read from cache k^2 times instead of the whole batch
+  from memory.  On XLA:CPU this is 3-4x faster than a real-FFT cross-correlation over (H, W)
+  and about 10x faster than autodiff's k^2 separate reductions over (B, H, W).
+  """
+  ho, wo = g.shape[1:3]
+  xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  lags = [(dilation * i, dilation * j) for i in range(k) for j in range(k)]
+
+  def add_image(total, image):
+    xb, gb = image
+    products = [xb[r:r + ho, c:c + wo, :] * gb for r, c in lags]
+    sums = lax.reduce(products, [np.float32(0)] * len(lags), _sum_all, (0, 1))
+    return total + jnp.stack(sums), None
+
+  total = jnp.zeros((len(lags), x.shape[-1]), jnp.float32)
+  total, _ = lax.scan(add_image, total, (xp, g.astype(jnp.float32)))
+  return total.reshape(k, k, 1, x.shape[-1])
 
 
 _shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
