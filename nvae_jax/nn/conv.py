@@ -179,9 +179,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     return depthwise_conv(x, kernel, stride=stride, padding=padding, dilation=dilation,
                           impl=depthwise_impl)
   if kernel.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1:
-    # A pointwise conv is a matmul over channels; as a dot, XLA:CPU computes its kernel gradient
-    # without transposing the activations to channel-major first.
-    return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    # A pointwise conv is a matmul over channels.  As a 2-D matmul, its gradients are plain
+    # matmuls too, which XLA:CPU runs without first transposing the activations to channel-major.
+    y = x.reshape(-1, c_in) @ kernel[0, 0]
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
   return lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
       rhs_dilation=(dilation, dilation), dimension_numbers=_DIMS, feature_group_count=groups)
