@@ -57,6 +57,21 @@ def test_depthwise_shift_equals_lax(stride, padding, dilation):
     np.testing.assert_allclose(g_shift, g_lax, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('values_per_iteration', [1, 2 * 9 * 8 * 6, 10**6])
+def test_depthwise_kernel_grad_in_image_chunks(values_per_iteration):
+  """dW is the same whether the loop takes one image, two, or the whole batch per iteration."""
+  from nvae_jax.nn import conv
+  kx, kg = jax.random.split(jax.random.key(4))
+  x = jax.random.normal(kx, (6, 9, 8, 6))
+  g = jax.random.normal(kg, (6, 9, 8, 6))
+  k = jnp.zeros((5, 5, 1, 6))
+  want = jax.grad(lambda k: jnp.sum(nvnn.depthwise_conv(x, k, padding=2, impl='lax') * g))(k)
+  got = conv._depthwise_kernel_grad(x, g, 5, 2, 1, values_per_iteration)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert conv._images_per_iteration(6, 9 * 8 * 6, values_per_iteration) == {
+      1: 1, 2 * 9 * 8 * 6: 2, 10**6: 6}[values_per_iteration]
+
+
 def test_depthwise_rejects_bad_kernel_and_impl():
   x = jnp.zeros((1, 4, 4, 3))
   with pytest.raises(ValueError, match='kernel must be'):
