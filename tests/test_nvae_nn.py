@@ -80,22 +80,26 @@ def test_depthwise_rejects_bad_kernel_and_impl():
     nvnn.depthwise_conv(x, jnp.zeros((3, 3, 1, 3)), impl='fft')
 
 
-def test_pointwise_conv2d_is_the_conv_with_its_gradients():
-  """A 1x1 conv2d (computed as a dot over channels) equals the explicit loop and lax's conv."""
+@pytest.mark.parametrize('stride', [1, 2])
+def test_pointwise_conv2d_is_the_conv_with_its_gradients(stride):
+  """A 1x1 conv2d (computed as a matmul over channels) equals the explicit loop and lax's conv.
+
+  The input has an odd height, so stride 2 keeps rows 0, 2, 4 as PyTorch does.
+  """
   kx, kk, kg = jax.random.split(jax.random.key(3), 3)
   x = jax.random.normal(kx, (2, 5, 4, 6))
   k = jax.random.normal(kk, (1, 1, 6, 7))
-  ct = jax.random.normal(kg, (2, 5, 4, 7))
-  y = nvnn.conv2d(x, k)
-  np.testing.assert_allclose(y, _np_conv(np.asarray(x, np.float64), np.asarray(k), 1, 0),
+  y = nvnn.conv2d(x, k, stride=stride)
+  np.testing.assert_allclose(y, _np_conv(np.asarray(x, np.float64), np.asarray(k), stride, 0),
                              rtol=1e-5, atol=1e-5)
+  ct = jax.random.normal(kg, y.shape)
 
-  def lax_conv(x, k):
-    return jax.lax.conv_general_dilated(x, k, (1, 1), [(0, 0)] * 2,
+  def lax_conv(x, k, stride):
+    return jax.lax.conv_general_dilated(x, k, (stride, stride), [(0, 0)] * 2,
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
-  grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * ct), argnums=(0, 1))(x, k)
-           for f in (nvnn.conv2d, lax_conv)]
+  grads = [jax.grad(lambda x, k, f=f: jnp.sum(f(x, k, stride=stride) * ct), argnums=(0, 1))(x, k)
+           for f in (nvnn.conv2d, lambda x, k, stride: lax_conv(x, k, stride))]
   for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -193,9 +193,11 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
   if groups > 1 and groups == c_in and kernel.shape[3] == c_in:
     return depthwise_conv(x, kernel, stride=stride, padding=padding, dilation=dilation,
                           impl=depthwise_impl)
-  if kernel.shape[:2] == (1, 1) and stride == 1 and padding == 0 and groups == 1:
-    # A pointwise conv is a matmul over channels.  As a 2-D matmul, its gradients are plain
-    # matmuls too, which XLA:CPU runs without first transposing the activations to channel-major.
+  if kernel.shape[:2] == (1, 1) and padding == 0 and groups == 1:
+    # A pointwise conv is a matmul over channels (of every stride-th pixel).  As a 2-D matmul,
+    # its gradients are plain matmuls too, which XLA:CPU runs without first transposing the
+    # activations to channel-major.
+    x = x[:, ::stride, ::stride, :]
     y = x.reshape(-1, c_in) @ kernel[0, 0]
     return y.reshape(*x.shape[:-1], kernel.shape[-1])
   return lax.conv_general_dilated(
