@@ -66,7 +66,8 @@ def test_depthwise_kernel_grad_in_image_chunks(values_per_iteration):
   g = jax.random.normal(kg, (6, 9, 8, 6))
   k = jnp.zeros((5, 5, 1, 6))
   want = jax.grad(lambda k: jnp.sum(nvnn.depthwise_conv(x, k, padding=2, impl='lax') * g))(k)
-  got = conv._depthwise_kernel_grad(x, g, 5, 2, 1, values_per_iteration)
+  xp = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  got = conv._depthwise_kernel_grad(xp, g, 5, 1, values_per_iteration)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert conv._images_per_iteration(6, 9 * 8 * 6, values_per_iteration) == {
       1: 1, 2 * 9 * 8 * 6: 2, 10**6: 6}[values_per_iteration]
