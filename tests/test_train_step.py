@@ -225,6 +225,24 @@ def test_skip_threshold_on_gradient_norm():
   assert int(st0.num_skipped) == 1
 
 
+@pytest.mark.parametrize('values_per_sum', [1, 7, 30, 2**22])
+def test_global_norm_against_float64_sum(values_per_sum):
+  """The same norm however the leaves are grouped (one leaf per sum, several, one bigger than
+  the bound, all in one), including scalars, bfloat16 and a non-finite entry."""
+  rng = np.random.default_rng(3)
+  tree = {'a': rng.normal(size=(3, 4)), 'b': [rng.normal(size=()), rng.normal(size=(5,))],
+          'c': rng.normal(size=(2, 2, 2)).astype(np.float32), 'd': rng.normal(size=(40,))}
+  tree = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  tree['e'] = jnp.asarray(rng.normal(size=(6,)), jnp.bfloat16)
+  want = math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
+                       for x in jax.tree.leaves(tree)))
+  got = float(jax.jit(lambda t: optim.global_norm(t, values_per_sum))(tree))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  tree['b'][1] = tree['b'][1].at[2].set(jnp.nan)
+  assert not np.isfinite(float(optim.global_norm(tree, values_per_sum)))
+  assert float(optim.global_norm({})) == 0.0
+
+
 def _schedule_config(kind, warmup=4, lr=1.0, min_lr=0.1):
   c = base_config().optim
   c.schedule, c.warmup_steps, c.lr, c.min_lr = kind, warmup, lr, min_lr

@@ -60,12 +60,29 @@ def make_schedule(optim_config, num_steps: int) -> Callable[[jax.Array], jax.Arr
   return schedule
 
 
-def global_norm(tree) -> jax.Array:
-  """``sqrt(sum_i x_i^2)`` over every entry of every leaf, in float32."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+def global_norm(tree, values_per_sum: int = 2**22) -> jax.Array:
+  """``sqrt(sum_i x_i^2)`` over every entry of every leaf, in float32.
+
+  Consecutive leaves are concatenated into vectors of at most ``values_per_sum`` entries (a
+  bigger leaf is one vector alone) and each vector is squared and summed once.  XLA:CPU compiles
+  every reduction as separate kernels, so one sum per leaf made the optimizer program of a model
+  with hundreds of small parameters much slower to compile (mnist_tiny, 371 leaves: 7.4 s wall
+  against 5.3 s); the bound on the vectors keeps the extra memory small for big models.
+  """
+  leaves = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(tree)]
+  vectors, current = [], []
+  for leaf in leaves:
+    if current and sum(v.size for v in current) + leaf.size > values_per_sum:
+      vectors.append(current)
+      current = []
+    current.append(leaf)
+  if current:
+    vectors.append(current)
+  total = jnp.zeros((), jnp.float32)
+  for parts in vectors:
+    vector = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    total = total + jnp.sum(jnp.square(vector))
+  return jnp.sqrt(total)
 
 
 class SkipState(NamedTuple):
