@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -57,6 +58,34 @@ def test_evaluate_split_masks_padding_and_converts_to_bits_per_dim():
                                  jnp.zeros((2,), jnp.uint32), num_dims=48,
                                  continuous=True, num_batches=1)
   assert part['num_examples'] == 8
+
+
+def test_eval_and_image_programs_use_the_platform_compile_options(monkeypatch):
+  """The eval step, sampler and reconstructor are compiled with ``compile_options.for_platform``
+  (checked by making it return an option XLA rejects)."""
+  from nvae_jax import compile_options
+
+  class _Task(_PixelSumTask):
+    def sample(self, variables, rng, num, temperature):
+      return jnp.zeros((num, 4, 4, 3)) + variables['params']['offset']
+
+    def reconstruct(self, variables, batch, rng):
+      return batch['image'] + variables['params']['offset']
+
+  monkeypatch.setattr(compile_options, 'for_platform',
+                      lambda platform: {'xla_no_such_option_for_this_test': True})
+  mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
+  repl = step_lib.replicated(mesh)
+  variables = {'params': {'offset': jnp.float32(0.5)}}
+  batch = step_lib.put_batch({'image': np.zeros((8, 4, 4, 3), np.float32),
+                              'mask': np.ones(8, np.float32)}, mesh)
+  key = jnp.zeros((2,), jnp.uint32)
+  for program, args in ((eval_lib.make_eval_step(_Task(), mesh, repl), (variables, batch, key)),
+                        (sample_lib.make_sampler(_Task(), mesh, repl, 4, 1.0), (variables, key)),
+                        (sample_lib.make_reconstructor(_Task(), mesh, repl),
+                         (variables, jax.device_put(dict(batch), repl), key))):
+    with pytest.raises(Exception, match='xla_no_such_option_for_this_test'):
+      program.lower(*args).compile()
 
 
 def test_likelihood_dims_of_each_family_and_bad_shapes():

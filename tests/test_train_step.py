@@ -149,6 +149,36 @@ def test_update_programs_setting():
     step_lib.resolve_update_programs('three', 'cpu')
 
 
+@pytest.mark.parametrize('programs_setting', ['one', 'two'])
+def test_step_programs_are_compiled_with_the_platform_options(task, config, monkeypatch,
+                                                              programs_setting):
+  """Every program of the update goes through ``compile_options.for_platform`` (checked by making
+  it return an option XLA rejects), and on CPU the default is LLVM level 1."""
+  from nvae_jax import compile_options
+  assert compile_options.for_platform('cpu') == {'xla_backend_optimization_level': 1}
+  monkeypatch.setattr(compile_options, 'for_platform',
+                      lambda platform: {'xla_no_such_option_for_this_test': True})
+  mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), jax.devices()[:1])
+  runner = _Runner(task, config, mesh, programs=programs_setting)
+  with pytest.raises(Exception, match='xla_no_such_option_for_this_test'):
+    runner.step.lower(runner.fresh_state(), runner.batch0).compile()
+
+
+def test_cpu_opt_level_setting(monkeypatch):
+  from nvae_jax import compile_options
+  monkeypatch.delenv(compile_options.ENV, raising=False)
+  assert compile_options.cpu_opt_level() == 1
+  assert compile_options.for_platform('gpu') is None
+  assert compile_options.for_platform('tpu') is None
+  monkeypatch.setenv(compile_options.ENV, '2')
+  assert compile_options.for_platform('cpu') == {'xla_backend_optimization_level': 2}
+  monkeypatch.setenv(compile_options.ENV, 'default')
+  assert compile_options.for_platform('cpu') is None
+  monkeypatch.setenv(compile_options.ENV, 'fast')
+  with pytest.raises(ValueError, match='NVAE_JAX_CPU_OPT_LEVEL'):
+    compile_options.for_platform('cpu')
+
+
 def test_batch_norm_statistics_are_global(task, single):
   """The running mean after one step equals the closed form over all 8 examples."""
   batch = _batches(1)[0]

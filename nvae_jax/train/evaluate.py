@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nvae_jax import compile_options
 from nvae_jax import progress as progress_lib
 from nvae_jax.distributions import units
 from nvae_jax.train import step as step_lib
@@ -64,7 +65,7 @@ def make_eval_step(task, mesh, variables_sharding) -> Callable:
   repl = step_lib.replicated(mesh)
   return jax.jit(eval_sums,
                  in_shardings=(variables_sharding, step_lib.batch_sharding(mesh), repl),
-                 out_shardings=(repl, repl))
+                 out_shardings=(repl, repl), compiler_options=compile_options.for_mesh(mesh))
 
 
 def evaluate_split(eval_step: Callable, variables, batches: Iterator[dict[str, np.ndarray]],

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nvae_jax import compile_options
 from nvae_jax.config import schema
 from nvae_jax.train import optim
 from nvae_jax.train.state import TrainState
@@ -198,17 +199,21 @@ def make_train_step(task, tx: optax.GradientTransformation,
 
   programs = resolve_update_programs(programs, mesh.devices.flat[0].platform)
   data, rep = batch_sharding(mesh), replicated(mesh)
+  options = compile_options.for_mesh(mesh)
   if programs == 'one':
     return jax.jit(update, in_shardings=(state_sharding, data),
-                   out_shardings=(state_sharding, rep), donate_argnums=(0,))
+                   out_shardings=(state_sharding, rep), donate_argnums=(0,),
+                   compiler_options=options)
   params_sharding = state_sharding['params']
   model_state_sharding = state_sharding['model_state']
   return TwoProgramUpdate(
       jax.jit(gradients, in_shardings=(state_sharding, data),
-              out_shardings=(params_sharding, rep, rep, model_state_sharding)),
+              out_shardings=(params_sharding, rep, rep, model_state_sharding),
+              compiler_options=options),
       jax.jit(apply, in_shardings=(state_sharding, params_sharding, rep, rep,
                                    model_state_sharding),
-              out_shardings=(state_sharding, rep), donate_argnums=(0,)))
+              out_shardings=(state_sharding, rep), donate_argnums=(0,),
+              compiler_options=options))
 
 
 def to_host(tree):
