@@ -10,8 +10,8 @@ mesh over every local device, with the global batch = batch_per_device x devices
 quantised images as input.
 
 * ``compile_s``: lowering + XLA compilation of the update (``update.lower(...).compile()``; both
-  programs when ``update_programs`` is ``two``, the CPU default, see ``train.update_programs``),
-  after which the freed heap is returned to the system as the training loop does;
+  programs when ``update_programs`` is ``two``, the CPU default, see ``train.update_programs``;
+  at the same time when ``train.parallel_compile``, the default, is true), after which the freed heap is returned to the system as the training loop does;
 * ``first_step_s``: the first call (includes the 40 power iterations of the spectral regulariser
   only in the model's first step; not a steady-state figure);
 * ``step_ms``: median / min over ``--steps`` further calls, each waited for with
@@ -196,7 +196,12 @@ def main(argv=None) -> dict:
   t0 = time.perf_counter()
   abstract, shardings = build.abstract_state(run, spec)
   abstract_s = time.perf_counter() - t0
-  if 'update_programs' in config.train:
+  parallel_compile = bool(config.train.get('parallel_compile', False))
+  if 'parallel_compile' in config.train:
+    programs = step_lib.resolve_update_programs(config.train.update_programs, platform)
+    update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings,
+                                      programs, parallel_compile)
+  elif 'update_programs' in config.train:  # checkouts before train.parallel_compile
     programs = step_lib.resolve_update_programs(config.train.update_programs, platform)
     update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings,
                                       programs)
@@ -246,7 +251,7 @@ def main(argv=None) -> dict:
       overrides=args.set, batch_per_device=per_device, global_batch=config.data.batch_size,
       published_global_batch=published_global, reduced_batch=reduced,
       compute_dtype=config.precision.compute_dtype, remat=config.remat.policy,
-      update_programs=programs,
+      update_programs=programs, parallel_compile=parallel_compile,
       image_shape=list(shape), params=state_lib.num_params(abstract['params']),
       commit=git_commit(args.root), abstract_state_s=round(abstract_s, 2),
       init_s=round(init_s, 2),

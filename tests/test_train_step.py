@@ -45,7 +45,8 @@ def _batches(n):
 class _Runner:
   """A compiled step on one mesh, with its initial state."""
 
-  def __init__(self, task, config, mesh, fsdp_min_size=step_lib.FSDP_MIN_SIZE, programs='one'):
+  def __init__(self, task, config, mesh, fsdp_min_size=step_lib.FSDP_MIN_SIZE, programs='one',
+               parallel_compile=False):
     self.mesh = mesh
     self.tx, self.schedule = optim.make_optimizer(config.optim, 100)
     batch0 = step_lib.put_batch(_batches(1)[0], mesh)
@@ -55,7 +56,7 @@ class _Runner:
     self.init = jax.jit(init, out_shardings=self.shardings)
     self.batch0 = batch0
     self.step = step_lib.make_train_step(task, self.tx, self.schedule, mesh, self.shardings,
-                                         programs)
+                                         programs, parallel_compile)
 
   def fresh_state(self):
     return self.init(self.batch0)
@@ -133,12 +134,17 @@ def test_two_programs_equal_one(task, config, single, programs):
   _assert_trees_close(state_2['params'], state_1['params'], rtol=1e-6, atol=1e-7)
   _assert_trees_close(state_2['model_state'], state_1['model_state'], rtol=1e-6, atol=1e-7)
   _assert_trees_close(state_2['opt_state'], state_1['opt_state'], rtol=1e-6, atol=1e-7)
-  # Compiled ahead of time (as the training loop does), it is the same update again.
-  compiled = single.step.lower(single.fresh_state(), single.batch0).compile()
-  state_c = single.fresh_state()
-  for b in batches:
-    state_c, _ = compiled(state_c, step_lib.put_batch(b, single.mesh))
-  _assert_trees_close(step_lib.to_host(state_c)['params'], state_2['params'], rtol=1e-6, atol=1e-7)
+  # Compiled ahead of time (as the training loop does), one program after the other or both at
+  # the same time, it is the same update again.
+  parallel = _Runner(task, config, single.mesh, programs='two', parallel_compile=True)
+  for runner in (single, parallel):
+    compiled = runner.step.lower(runner.fresh_state(), runner.batch0).compile()
+    assert isinstance(compiled, step_lib.TwoProgramUpdate)
+    state_c = runner.fresh_state()
+    for b in batches:
+      state_c, _ = compiled(state_c, step_lib.put_batch(b, runner.mesh))
+    _assert_trees_close(step_lib.to_host(state_c)['params'], state_2['params'], rtol=1e-6,
+                        atol=1e-7)
 
 
 def test_update_programs_setting():

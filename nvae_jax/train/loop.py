@@ -266,7 +266,7 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
                  f'{jax.device_count()} device(s), mesh {dict(run.mesh.shape)}.')
 
   train_step = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings,
-                                       c.train.update_programs)
+                                       c.train.update_programs, c.train.parallel_compile)
   var_sharding = build.variables_sharding(shardings)
   eval_step = eval_lib.make_eval_step(run.task, run.mesh, var_sharding)
   sampler = sample_lib.make_sampler(run.task, run.mesh, var_sharding, c.train.num_images,
