@@ -11,7 +11,8 @@ quantised images as input.
 
 * ``compile_s``: lowering + XLA compilation of the update (``update.lower(...).compile()``; both
   programs when ``update_programs`` is ``two``, the CPU default, see ``train.update_programs``;
-  at the same time when ``train.parallel_compile``, the default, is true), after which the freed heap is returned to the system as the training loop does;
+  at the same time when ``train.parallel_compile``, the default, is true), after which the freed
+  heap is returned to the system as the training loop does;
 * ``first_step_s``: the first call (includes the 40 power iterations of the spectral regulariser
   only in the model's first step; not a steady-state figure);
 * ``step_ms``: median / min over ``--steps`` further calls, each waited for with
@@ -197,14 +198,12 @@ def main(argv=None) -> dict:
   abstract, shardings = build.abstract_state(run, spec)
   abstract_s = time.perf_counter() - t0
   parallel_compile = bool(config.train.get('parallel_compile', False))
-  if 'parallel_compile' in config.train:
+  if 'update_programs' in config.train:
     programs = step_lib.resolve_update_programs(config.train.update_programs, platform)
+    # Checkouts before train.parallel_compile take no such argument.
+    extra = (parallel_compile,) if 'parallel_compile' in config.train else ()
     update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings,
-                                      programs, parallel_compile)
-  elif 'update_programs' in config.train:  # checkouts before train.parallel_compile
-    programs = step_lib.resolve_update_programs(config.train.update_programs, platform)
-    update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings,
-                                      programs)
+                                      programs, *extra)
   else:  # checkouts before the two-program update
     programs = 'one'
     update = step_lib.make_train_step(run.task, run.tx, run.schedule, run.mesh, shardings)

@@ -70,12 +70,13 @@ def global_norm(tree, values_per_sum: int = 2**22) -> jax.Array:
   against 5.3 s); the bound on the vectors keeps the extra memory small for big models.
   """
   leaves = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(tree)]
-  vectors, current = [], []
+  vectors, current, size = [], [], 0
   for leaf in leaves:
-    if current and sum(v.size for v in current) + leaf.size > values_per_sum:
+    if current and size + leaf.size > values_per_sum:
       vectors.append(current)
-      current = []
+      current, size = [], 0
     current.append(leaf)
+    size += leaf.size
   if current:
     vectors.append(current)
   total = jnp.zeros((), jnp.float32)
