@@ -8,8 +8,9 @@ Train mode normalises with the batch statistics over every axis but the last (N,
 
 with PyTorch's momentum m = 0.05 (flax's momentum would be 0.95) and the *unbiased* variance,
 n = N*H*W.  Eval mode normalises with the running statistics.  y = (x - mean) / sqrt(var + eps) *
-scale + bias with eps = 1e-5.  Statistics are taken over the whole (global) batch that the function
-sees: under ``jax.jit`` with a batch sharded over devices this is synchronised BN.
+scale + bias with eps = 1e-5, computed as x a + (bias - mean a), a = scale / sqrt(var + eps).
+Statistics are taken over the whole (global) batch that the function sees: under ``jax.jit`` with
+a batch sharded over devices this is synchronised BN.
 
 Variables: params ``scale`` (init 1), ``bias`` (init 0); batch_stats ``mean`` (init 0), ``var``
 (init 1).  Statistics and normalisation are computed in float32; the output is cast to ``dtype``.
@@ -58,5 +59,9 @@ class BatchNorm(nn.Module):
         ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(var) * (n / (n - 1))
     else:
       mean, var = ra_mean.value, ra_var.value
-    y = (x32 - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+    # As one per-channel affine map, y = x a + (bias - mean a) with a = scale / sqrt(var + eps)
+    # (how PyTorch's CPU kernel applies it too): XLA then keeps no (x - mean) array between the
+    # statistics and the normalisation, forward or backward (about 6 % of mnist_tiny's step).
+    a = lax.rsqrt(var + self.epsilon) * scale
+    y = x32 * a + (bias - mean * a)
     return y.astype(self.dtype)
