@@ -94,10 +94,14 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding:
   return _shift_taps(x, kernel, stride, padding, dilation)
 
 
+def _pad_spatial(x, padding: int) -> jax.Array:
+  """Zero padding of ``padding`` pixels on each side of H and W of [B, H, W, C]."""
+  return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
 def _shift_taps(x, kernel, stride: int, padding: int, dilation: int) -> jax.Array:
   """The sum over the kernel taps of shifted (strided) input slices times the tap weights."""
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  return _taps_of_padded(xp, kernel, stride, dilation)
+  return _taps_of_padded(_pad_spatial(x, padding), kernel, stride, dilation)
 
 
 def _taps_of_padded(xp, kernel, stride: int, dilation: int) -> jax.Array:
@@ -133,7 +137,7 @@ def _shift_depthwise(x, kernel, padding: int, dilation: int) -> jax.Array:
 def _shift_depthwise_fwd(x, kernel, padding, dilation):
   # The padded input is the residual: the kernel gradient reads the buffer the forward pass
   # wrote, where re-padding x made XLA write a second padded copy (about 4 % of the step).
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  xp = _pad_spatial(x, padding)
   return _taps_of_padded(xp, kernel, 1, dilation), (xp, kernel)
 
 
