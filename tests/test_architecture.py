@@ -38,7 +38,8 @@ INNER_FLOORS = {
                        'state': 1, 'checkpoint': 1,
                        'step': 2, 'build': 3, 'evaluate': 4, 'sample': 4, 'loop': 5, '': 6},
     'nvae_jax.models': {'base': 0, 'conv_vae': 1, 'glow': 1, 'nvae': 1, '': 2},
-    'nvae_jax.models.nvae': {'plan': 0, 'network': 1, 'sampling': 2, 'task': 3, '': 4},
+    'nvae_jax.models.nvae': {'plan': 0, 'groups': 1, 'network': 2, 'sampling': 3, 'task': 4,
+                             '': 5},
 }
 
 

@@ -68,14 +68,16 @@ REQUIRED_ARGS = ('dataset', 'num_channels_enc', 'num_channels_dec', 'num_latent_
 # latent channels per group, 2 cells per conditional) and 32 channels, 2 pre/post blocks, 1 scale
 # of 10 groups for the required arguments; then the nvae_jax-only fields: ``decoder`` (``auto``
 # or an output-distribution name), ``faithful_dml`` (the original's logistic-mixture quirks),
-# ``depthwise_impl`` (``auto``/``lax``/``shift``) and ``total_steps`` (the KL warm-up horizon;
-# 0 = ``train.num_steps``).
+# ``depthwise_impl`` (``auto``/``lax``/``shift``), ``scan_groups`` (each run of identical latent
+# groups compiled once, as a ``lax.scan``; same variables, same results) and ``total_steps`` (the
+# KL warm-up horizon; 0 = ``train.num_steps``).
 MODEL_DEFAULTS: dict[str, Any] = dict(
     {k: ORIGINAL_DEFAULTS[k] for k in MODEL_ARGS if k in ORIGINAL_DEFAULTS},
     num_channels_enc=32, num_channels_dec=32, num_preprocess_blocks=2,
     num_postprocess_blocks=2, num_latent_scales=1, num_groups_per_scale=10,
     num_latent_per_group=20, num_cell_per_cond_enc=2, num_cell_per_cond_dec=2, use_se=True,
-    res_dist=True, decoder='auto', faithful_dml=False, depthwise_impl='auto', total_steps=0)
+    res_dist=True, decoder='auto', faithful_dml=False, depthwise_impl='auto', scan_groups=True,
+    total_steps=0)
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -91,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = schema.base_config()
   c.model = ml_collections.ConfigDict(dict(name='nvae', **{
       k: MODEL_DEFAULTS[k] for k in MODEL_ARGS + ('decoder', 'faithful_dml', 'depthwise_impl',
-                                                  'total_steps')}))
+                                                  'scan_groups', 'total_steps')}))
   c.model.total_steps = c.train.get_ref('num_steps')
 
   c.optim.name = 'adamax'

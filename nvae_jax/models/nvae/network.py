@@ -47,9 +47,6 @@ The platform's wrapper (loss, evaluation, sampling) is :class:`NVAETask` in ``ta
 
 from __future__ import annotations
 
-
-from __future__ import annotations
-
 import math
 from typing import Any, Optional, Sequence
 
@@ -58,14 +55,14 @@ import jax
 import jax.numpy as jnp
 
 from nvae_jax import host_init
-from nvae_jax import policy
 from nvae_jax.distributions import make_output_distribution
-from nvae_jax.distributions.latent_normal import LatentNormal, split_params, top_prior
-from nvae_jax.models.nvae.plan import EXPANSION_DEC, EXPANSION_POST, NVAEArch
+from nvae_jax.distributions.latent_normal import LatentNormal, top_prior
+from nvae_jax.models.nvae import groups
+from nvae_jax.models.nvae.plan import NVAEArch, group_runs
 from nvae_jax.nn.activations import elu
 from nvae_jax.nn.ar import PairedARCell
-from nvae_jax.nn.cells import DecCombiner, EncCombiner, MBConvCell, ResBNSwishCell
-from nvae_jax.nn.conv import DEPTHWISE_IMPLS, Conv2D
+from nvae_jax.nn.conv import CONV_KERNELS, DEPTHWISE_IMPLS
+from nvae_jax.nn.stacked import scan_children
 
 
 def _crop(a: jax.Array, c: int) -> jax.Array:
@@ -83,6 +80,9 @@ class NVAE(nn.Module):
       densities and the likelihood are float32).
     depthwise_impl: ``'lax'`` or ``'shift'`` (see ``nvae_jax.nn.conv``).
     remat_policy: ``'none'`` or a ``jax.checkpoint_policies`` name applied to every cell.
+    scan_groups: run each run of two or more identical latent groups (the groups of one scale)
+      as one ``lax.scan`` over their stacked variables, so that XLA compiles one group per run
+      instead of every group (``nvae_jax.nn.stacked``).  Same variables, same results.
   """
   arch: NVAEArch
   likelihood_name: str = 'bernoulli'
@@ -90,6 +90,7 @@ class NVAE(nn.Module):
   dtype: Any = jnp.float32
   depthwise_impl: str = 'lax'
   remat_policy: str = 'none'
+  scan_groups: bool = True
 
   def setup(self):
     a = self.arch
@@ -97,41 +98,34 @@ class NVAE(nn.Module):
       raise ValueError(f'depthwise_impl: expected one of {DEPTHWISE_IMPLS}, got '
                        f'{self.depthwise_impl!r}')
     plan = a.plan()
-    dt, dw = self.dtype, self.depthwise_impl
-    res_cell = policy.remat(ResBNSwishCell, self.remat_policy, static_argnums=(2,))
-    mb_cell = policy.remat(MBConvCell, self.remat_policy, static_argnums=(2,))
-    wn = lambda c, k: Conv2D(c, k, padding=(k - 1) // 2, use_bias=True, dtype=dt)  # noqa: E731
-
-    def make(kind, c):
-      if kind in ('normal_pre', 'normal_enc'):
-        return res_cell(c, stride=1, use_se=a.use_se, dtype=dt)
-      if kind in ('down_pre', 'down_enc'):
-        return res_cell(c, stride=2, use_se=a.use_se, dtype=dt)
-      if kind == 'combiner_enc':
-        return EncCombiner(c, dtype=dt)
-      if kind == 'combiner_dec':
-        return DecCombiner(c, dtype=dt)
-      ex = EXPANSION_DEC if kind.endswith('_dec') else EXPANSION_POST
-      return mb_cell(c, ex, upsample=kind.startswith('up_'), use_se=a.use_se,
-                     depthwise_impl=dw, dtype=dt)
+    dt = self.dtype
+    make = lambda kind, c: groups.make_cell(  # noqa: E731
+        kind, c, a, dt, self.depthwise_impl, self.remat_policy)
 
     self.prior_ftr0 = host_init.param(self, 'prior_ftr0', host_init.Uniform(0.0, 1.0), a.top_shape)
-    self.stem = wn(a.num_channels_enc, 3)
+    self.stem = groups.wn_conv(a.num_channels_enc, 3, dt)
     self.pre_process = [make(k, c) for k, c in plan['pre_process']]
     self.enc_tower = [make(k, c) for k, c in plan['enc_tower']]
     c_top = plan['enc_tower'][-1][1]
-    self.enc0 = wn(c_top, 1)
-    self.enc_sampler = [wn(2 * a.num_latent_per_group, 3) for _ in plan['enc_sampler']]
-    self.dec_sampler = [wn(2 * a.num_latent_per_group, 1) for _ in plan['dec_sampler']]
-    self.nf_cells = [PairedARCell(depthwise_impl=dw, dtype=dt)
+    self.enc0 = groups.wn_conv(c_top, 1, dt)
+    self.enc_sampler = [groups.wn_conv(2 * a.num_latent_per_group, 3, dt)
+                        for _ in plan['enc_sampler']]
+    self.dec_sampler = [groups.wn_conv(2 * a.num_latent_per_group, 1, dt)
+                        for _ in plan['dec_sampler']]
+    self.nf_cells = [PairedARCell(depthwise_impl=self.depthwise_impl, dtype=dt)
                      for _ in range(a.num_groups * a.num_nf)]
     self.dec_tower = [make(k, c) for k, c in plan['dec_tower']]
     self.post_process = [make(k, c) for k, c in plan['post_process']]
-    self.image_conditional = wn(a.output_channels, 3)
+    self.image_conditional = groups.wn_conv(a.output_channels, 3, dt)
     self.likelihood = make_output_distribution(self.likelihood_name,
                                                **dict(self.likelihood_options))
-    self._dec_kinds = tuple(k for k, _ in plan['dec_tower'])
-    self._enc_kinds = tuple(k for k, _ in plan['enc_tower'])
+    self._plan = plan
+    self._enc_runs = group_runs(a.encoder_walk())
+    dec_walk = a.decoder_walk()
+    self._top_group, self._dec_runs = dec_walk[0], group_runs(dec_walk[1:])
+    # The encoder combiner of decoder group d > 0 is the (d - 1)-th from the top.
+    enc_groups = [g for g in a.encoder_walk() if not isinstance(g, int)]
+    self._enc_combiner_of = tuple(g.combiner for g in reversed(enc_groups))
 
   # -- helpers --------------------------------------------------------------------------------
 
@@ -144,9 +138,13 @@ class NVAE(nn.Module):
     return jnp.asarray(e, jnp.float32)
 
   def _flows(self, z: jax.Array, d: int) -> jax.Array:
-    for n in range(self.arch.num_nf):
-      z = self.nf_cells[d * self.arch.num_nf + n](z)
+    for flow in self._flow_cells(d):
+      z = flow(z)
     return z
+
+  def _flow_cells(self, d: int) -> list:
+    n = self.arch.num_nf
+    return self.nf_cells[d * n:(d + 1) * n]
 
   def _top_state(self, batch: int) -> jax.Array:
     return jnp.broadcast_to(self.prior_ftr0.astype(self.dtype), (batch,) + self.arch.top_shape)
@@ -157,6 +155,95 @@ class NVAE(nn.Module):
     if len(eps) != self.arch.num_groups:
       raise ValueError(f'eps: expected {self.arch.num_groups} noise arrays (one per latent group, '
                        f'decoder order), got {len(eps)}')
+
+  # -- groups: one at a time through the children, or a run as one scan ----------------------
+
+  def _scanned(self, run: tuple) -> bool:
+    """Whether a run of groups goes through one ``lax.scan`` (never while initialising: the
+    children create their variables by being called)."""
+    return self.scan_groups and len(run) > 1 and not self.is_initializing()
+
+  def _updated_collections(self) -> list[str]:
+    """The collections a group may write (statistics, effective kernels, sown values)."""
+    return [c for c in ('batch_stats', CONV_KERNELS, 'intermediates')
+            if self.is_mutable_collection(c)]
+
+  def _group_template(self, step, posterior: bool) -> nn.Module:
+    """The unbound stand-in for decoder groups shaped like ``step``."""
+    cls = groups.PosteriorGroup if posterior else groups.PriorGroup
+    return cls(self.arch, self._plan['dec_tower'][step.combiner][1],
+               self._plan['enc_tower'][self._enc_combiner_of[step.group - 1]][1],
+               dtype=self.dtype, depthwise_impl=self.depthwise_impl,
+               remat_policy=self.remat_policy, parent=None)
+
+  def _group_parts(self, step, posterior: bool) -> groups.GroupParts:
+    d = step.group
+    base = ([self.dec_tower[i] for i in step.cells], self.dec_sampler[d - 1],
+            self.dec_tower[step.combiner])
+    if not posterior:
+      return groups.GroupParts(*base)
+    return groups.GroupParts(*base, self.enc_tower[self._enc_combiner_of[d - 1]],
+                             self.enc_sampler[d], self._flow_cells(d))
+
+  def _group_names(self, step, posterior: bool) -> dict[str, str]:
+    """{stand-in submodule: child name} of decoder group ``step.group``."""
+    d = step.group
+    names = {f'cells_{k}': f'dec_tower_{i}' for k, i in enumerate(step.cells)}
+    names.update(dec_sampler=f'dec_sampler_{d - 1}', combiner=f'dec_tower_{step.combiner}')
+    if posterior:
+      names.update(enc_combiner=f'enc_tower_{self._enc_combiner_of[d - 1]}',
+                   enc_sampler=f'enc_sampler_{d}')
+      names.update({f'flows_{n}': f'nf_cells_{d * self.arch.num_nf + n}'
+                    for n in range(self.arch.num_nf)})
+    return names
+
+  def _encoder_run(self, run: tuple, s: jax.Array, train: bool) -> tuple[jax.Array, list]:
+    """The cells of a run of encoder groups; returns (s, the feature of each group)."""
+    if self._scanned(run) and self.arch.num_cell_per_cond_enc > 0:
+      template = groups.EncoderGroup(self.arch, self._plan['enc_tower'][run[0].combiner][1],
+                                     dtype=self.dtype, remat_policy=self.remat_policy,
+                                     parent=None)
+      steps = [{f'cells_{k}': f'enc_tower_{i}' for k, i in enumerate(g.cells)} for g in run]
+      s, feats = scan_children(self, template, steps, s, None, args=(train,),
+                               read=('params', 'batch_stats'),
+                               mutable=self._updated_collections())
+      return s, [feats[i] for i in range(len(run))]
+    feats = []
+    for g in run:
+      for i in g.cells:
+        s = self.enc_tower[i](s, train)
+      feats.append(s)
+    return s, feats
+
+  def _posterior_run(self, run: tuple, s, enc_feats, noise, train: bool):
+    """A run of decoder groups on the posterior walk; returns (s, [z], [terms])."""
+    feats = [enc_feats[g.group - 1] for g in run]
+    if not self._scanned(run):
+      zs, terms = [], []
+      for g, f, e in zip(run, feats, noise):
+        s, z, t = groups.posterior_step(s, f, e, self._group_parts(g, True), train,
+                                        self.arch.res_dist)
+        zs.append(z)
+        terms.append(t)
+      return s, zs, terms
+    steps = [self._group_names(g, True) for g in run]
+    s, (z, t) = scan_children(self, self._group_template(run[0], True), steps, s,
+                              (jnp.stack(feats), jnp.stack(noise)), args=(train,),
+                              read=('params', 'batch_stats'), mutable=self._updated_collections())
+    n = len(run)
+    return s, [z[i] for i in range(n)], [jax.tree.map(lambda a, i=i: a[i], t) for i in range(n)]
+
+  def _prior_run(self, run: tuple, s, noise, temperature, train: bool):
+    """A run of decoder groups on the prior walk; returns s."""
+    if not self._scanned(run):
+      for g, e in zip(run, noise):
+        s = groups.prior_step(s, e, self._group_parts(g, False), temperature, train)
+      return s
+    steps = [self._group_names(g, False) for g in run]
+    s, _ = scan_children(self, self._group_template(run[0], False), steps, s,
+                         jnp.stack(noise), args=(temperature, train),
+                         read=('params', 'batch_stats'), mutable=self._updated_collections())
+    return s
 
   # -- forward --------------------------------------------------------------------------------
 
@@ -186,15 +273,14 @@ class NVAE(nn.Module):
     s = self.stem((2.0 * x - 1.0).astype(self.dtype))
     for cell in self.pre_process:
       s = cell(s, train)
-    enc_feats, enc_combiners = [], []
-    for kind, cell in zip(self._enc_kinds, self.enc_tower):
-      if kind == 'combiner_enc':
-        enc_feats.append(s)
-        enc_combiners.append(cell)
+    enc_feats = []
+    for run in self._enc_runs:
+      if isinstance(run, int):
+        s = self.enc_tower[run](s, train)
       else:
-        s = cell(s, train)
+        s, feats = self._encoder_run(run, s, train)
+        enc_feats += feats
     enc_feats.reverse()
-    enc_combiners.reverse()
 
     ftr = elu(self.enc0(elu(s)))
     q = LatentNormal.from_params(self.enc_sampler[0](ftr).astype(jnp.float32))
@@ -202,48 +288,32 @@ class NVAE(nn.Module):
     log_q_conv = q.log_prob(z)
     z = self._flows(z, 0)
     p = top_prior(z.shape)
-    groups = [(q, p, log_q_conv, p.log_prob(z))]
+    terms = [groups.group_terms(q, p, log_q_conv, p.log_prob(z), with_flows=a.num_nf > 0)]
     zs = [z]
 
-    s = self._top_state(batch)
-    d = 0
-    for kind, cell in zip(self._dec_kinds, self.dec_tower):
-      if kind != 'combiner_dec':
-        s = cell(s, train)
+    s = self.dec_tower[self._top_group.combiner](self._top_state(batch), z)
+    for run in self._dec_runs:
+      if isinstance(run, int):
+        s = self.dec_tower[run](s, train)
         continue
-      if d > 0:
-        mu_p, ls_p = split_params(self.dec_sampler[d - 1](elu(s)).astype(jnp.float32))
-        ftr = enc_combiners[d - 1](enc_feats[d - 1], s)
-        mu_q, ls_q = split_params(self.enc_sampler[d](ftr).astype(jnp.float32))
-        if a.res_dist:
-          q = LatentNormal.from_raw(mu_p + mu_q, ls_p + ls_q)
-        else:
-          q = LatentNormal.from_raw(mu_q, ls_q)
-        z = q.sample(self._noise(eps, d, shapes[d]))
-        log_q_conv = q.log_prob(z)
-        z = self._flows(z, d)
-        p = LatentNormal.from_raw(mu_p, ls_p)
-        groups.append((q, p, log_q_conv, p.log_prob(z)))
-        zs.append(z)
-      s = cell(s, z)
-      d += 1
+      noise = [self._noise(eps, g.group, shapes[g.group]) for g in run]
+      s, run_z, run_terms = self._posterior_run(run, s, enc_feats, noise, train)
+      zs += run_z
+      terms += run_terms
 
     for cell in self.post_process:
       s = cell(s, train)
     net_out = self.image_conditional(elu(s)).astype(jnp.float32)
 
-    kl_all, kl_diag = [], []
     log_q = jnp.zeros((batch,), jnp.float32)
     log_p = jnp.zeros((batch,), jnp.float32)
-    for q, p, lq, lp in groups:
-      kl_per_var = lq - lp if a.num_nf > 0 else q.kl(p)
-      kl_diag.append(jnp.mean(jnp.sum(kl_per_var, axis=(1, 2)), axis=0))
-      kl_all.append(jnp.sum(kl_per_var, axis=(1, 2, 3)))
-      log_q = log_q + jnp.sum(lq, axis=(1, 2, 3))
-      log_p = log_p + jnp.sum(lp, axis=(1, 2, 3))
+    for t in terms:
+      log_q = log_q + t['log_q']
+      log_p = log_p + t['log_p']
     recon = -self.likelihood.log_prob(_crop(net_out, a.crop), _crop(x, a.crop), train)
     return dict(net_out=net_out, recon=recon, log_q=log_q, log_p=log_p,
-                kl_all=jnp.stack(kl_all, axis=1), kl_diag=jnp.stack(kl_diag), z=zs)
+                kl_all=jnp.stack([t['kl_all'] for t in terms], axis=1),
+                kl_diag=jnp.stack([t['kl_diag'] for t in terms]), z=zs)
 
   def sample_logits(self, num: int, temperature: float = 1.0, train: bool = False,
                     eps: Optional[Sequence[jax.Array]] = None) -> jax.Array:
@@ -258,18 +328,13 @@ class NVAE(nn.Module):
     shapes = [(num,) + s for s in a.latent_shapes()]
     self._check_eps(eps)
     z = top_prior(shapes[0], temperature=temperature).sample(self._noise(eps, 0, shapes[0]))
-    s = self._top_state(num)
-    d = 0
-    for kind, cell in zip(self._dec_kinds, self.dec_tower):
-      if kind != 'combiner_dec':
-        s = cell(s, train)
+    s = self.dec_tower[self._top_group.combiner](self._top_state(num), z)
+    for run in self._dec_runs:
+      if isinstance(run, int):
+        s = self.dec_tower[run](s, train)
         continue
-      if d > 0:
-        p = LatentNormal.from_params(self.dec_sampler[d - 1](elu(s)).astype(jnp.float32),
-                                     temperature)
-        z = p.sample(self._noise(eps, d, shapes[d]))
-      s = cell(s, z)
-      d += 1
+      noise = [self._noise(eps, g.group, shapes[g.group]) for g in run]
+      s = self._prior_run(run, s, noise, temperature, train)
     for cell in self.post_process:
       s = cell(s, train)
     return self.image_conditional(elu(s)).astype(jnp.float32)

@@ -157,3 +157,63 @@ class NVAEArch:
           post.append(('normal_post', cd * mult))
     return dict(pre_process=pre, enc_tower=enc, enc_sampler=enc_sampler,
                 dec_sampler=dec_sampler, dec_tower=dec, post_process=post)
+
+  def encoder_walk(self) -> list:
+    """``enc_tower`` by latent groups: :class:`EncoderGroup` for every group whose feature a
+    combiner keeps (its cells, then the combiner), a bare index for any other cell (the
+    ``down_enc`` cells and the cells of the last group, which has no combiner)."""
+    walk, cells = [], []
+    for i, (kind, _) in enumerate(self.plan()['enc_tower']):
+      if kind == 'normal_enc':
+        cells.append(i)
+      elif kind == 'combiner_enc':
+        walk.append(EncoderGroup(tuple(cells), i))
+        cells = []
+      else:
+        walk += cells + [i]
+        cells = []
+    return walk + cells
+
+  def decoder_walk(self) -> list:
+    """``dec_tower`` by latent groups, top first: :class:`DecoderGroup` for every group (its
+    cells, then its combiner; group 0 has no cells), a bare index for the ``up_dec`` cells."""
+    walk, cells, group = [], [], 0
+    for i, (kind, _) in enumerate(self.plan()['dec_tower']):
+      if kind == 'normal_dec':
+        cells.append(i)
+      elif kind == 'combiner_dec':
+        walk.append(DecoderGroup(group, tuple(cells), i))
+        cells, group = [], group + 1
+      else:
+        walk.append(i)
+    return walk
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderGroup:
+  """One encoder group: its cells and the combiner that keeps its feature (``enc_tower``
+  indices)."""
+  cells: tuple[int, ...]
+  combiner: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderGroup:
+  """Latent group ``group`` of the decoder: its cells and its combiner (``dec_tower`` indices)."""
+  group: int
+  cells: tuple[int, ...]
+  combiner: int
+
+
+def group_runs(walk: list) -> list:
+  """Consecutive groups of a walk joined into tuples (runs of identically shaped groups: a
+  bare cell index, which changes the resolution, ends a run)."""
+  out = []
+  for item in walk:
+    if isinstance(item, int):
+      out.append(item)
+    elif out and isinstance(out[-1], tuple):
+      out[-1] += (item,)
+    else:
+      out.append((item,))
+  return out

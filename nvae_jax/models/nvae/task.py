@@ -137,7 +137,8 @@ class NVAETask(ModelTaskBase):
     if key not in self._models:
       self._models[key] = NVAE(self.arch(key), self.likelihood_name, self.likelihood_options,
                                dtype=self.dtype, depthwise_impl=self.depthwise,
-                               remat_policy=self.remat_policy)
+                               remat_policy=self.remat_policy,
+                               scan_groups=bool(self.scan_groups))
     return self._models[key]
 
   @staticmethod
