@@ -16,7 +16,7 @@ operations on the same variables, in the same order.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,7 +32,8 @@ def _stack(trees: Sequence[Any]) -> Any:
 
 def scan_children(parent: nn.Module, template: nn.Module, steps: Sequence[Mapping[str, str]],
                   carry: Any, xs: Any, *, args: tuple = (), read: Sequence[str] = ('params',),
-                  mutable: Sequence[str] = (), method: Optional[str] = None) -> tuple[Any, Any]:
+                  mutable: Sequence[str] = (), method: Optional[str] = None,
+                  policy: Optional[Callable] = None) -> tuple[Any, Any]:
   """``carry, y_i = template(carry, x_i, *args)`` with the variables of step i's children.
 
   Args:
@@ -47,6 +48,11 @@ def scan_children(parent: nn.Module, template: nn.Module, steps: Sequence[Mappin
     read: the parent's collections the template reads (the children's subtrees of each).
     mutable: collections the template may update; each update is written back to the parent
       under the child's name (each must be mutable in the parent).
+    policy: a ``jax.checkpoint`` policy for the step: what the backward pass keeps of each
+      step (None: everything autodiff would keep).  A scan stores every value its backward pass
+      reads for every step, elementwise intermediates included, where XLA would have fused those
+      into their consumers in unrolled code: ``dots_saveable`` (keep matmul and conv outputs,
+      recompute the elementwise rest) brings the scan back to the unrolled memory and time.
 
   Returns (carry, ys) with the leaves of ys stacked over the steps.
   """
@@ -77,6 +83,8 @@ def scan_children(parent: nn.Module, template: nn.Module, steps: Sequence[Mappin
       updates = {}
     return c, (y, updates)
 
+  if policy is not None:
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
   carry, (ys, updates) = lax.scan(body, carry, (stacked, xs), length=len(steps))
   for i, names in enumerate(steps):
     for col, tree in updates.items():
