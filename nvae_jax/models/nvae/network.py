@@ -23,6 +23,11 @@ Forward pass (train and eval), with G latent groups visited top (lowest resoluti
 KL per group: the analytic Gaussian KL without flows, the one-sample estimate
 log q(z_0) - log p(z_K) with flows.
 
+One group's maths (the encoder cells before a combiner, step 3 for d > 0, and its prior-walk
+version for sampling) is written once, in ``groups.py``.  With ``scan_groups``, each run of two or
+more identical groups (those of one scale) is one ``lax.scan`` over the groups' stacked
+variables (``nvae_jax.nn.stacked``); the variable tree below is the same either way.
+
 Variable tree (``N`` is the index of the original ModuleList, in construction order):
 
 * params
