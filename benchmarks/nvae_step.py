@@ -24,15 +24,15 @@ quantised images as input.
 Defaults: the published per-GPU batch on accelerators; on CPU a reduced batch (``--cpu_batch``,
 default 2 per device) and float32, flagged in the output (``reduced_batch: true``).
 
-Measured (2026-11-21, jax 0.10.2, the project's 2-core AMD EPYC CPU machine, 1 device, shared
-with other jobs; loadavg 1.0-1.9 during the CIFAR run, 5-11 during the MNIST one):
+Measured (2026-11-29, jax 0.10.2, the project's 2-core CPU machine, 1 device, nothing else
+running; the README's *NVAE speed and memory* has these with their commands and the history):
 
   config                          batch  params       compile (wall / CPU)  step median (wall / CPU)
-  configs/nvae_cifar10.py         2*     130,852,480  730 s / 832 s         12.3 s / 21.8 s   (first step 34 s)
-  configs/nvae_mnist.py:small     32     350,294      136 s / 46 s          3.3 s / 1.49 s
+  configs/nvae_cifar10.py         2*     130,852,480  68.6 s / 112 s        6.85 s / 12.9 s
+    (same, model.scan_groups=false)                   194.4 s / 286 s       7.24 s / 13.5 s
 
   * reduced from the published 32 per GPU (8 GPUs, global 256); float32. No GPU was available to
-    this session, so there is no accelerator figure yet: run the default command on one.
+    these sessions, so there is no accelerator figure yet: run the default command on one.
 """
 
 from __future__ import annotations
