@@ -69,6 +69,17 @@ class GroupParts(NamedTuple):
   flows: Sequence[Callable] = ()
 
 
+def stand_in_names(parts: GroupParts) -> dict[str, str]:
+  """{stand-in submodule name (:class:`PosteriorGroup`, :class:`PriorGroup`): the name of the
+  module of ``parts`` it stands for}."""
+  names = {f'cells_{k}': cell.name for k, cell in enumerate(parts.cells)}
+  names.update(dec_sampler=parts.dec_sampler.name, combiner=parts.combiner.name)
+  if parts.enc_combiner is not None:
+    names.update(enc_combiner=parts.enc_combiner.name, enc_sampler=parts.enc_sampler.name)
+  names.update({f'flows_{n}': flow.name for n, flow in enumerate(parts.flows)})
+  return names
+
+
 def group_terms(q: LatentNormal, p: LatentNormal, log_q: jax.Array, log_p: jax.Array,
                 with_flows: bool) -> dict[str, jax.Array]:
   """A group's contribution: ``kl_all`` [B], ``kl_diag`` [L] (batch mean of the per-channel KL

@@ -196,25 +196,14 @@ class NVAE(nn.Module):
     return groups.GroupParts(*base, self.enc_tower[self._enc_combiner_of[d - 1]],
                              self.enc_sampler[d], self._flow_cells(d))
 
-  def _group_names(self, step, posterior: bool) -> dict[str, str]:
-    """{stand-in submodule: child name} of decoder group ``step.group``."""
-    d = step.group
-    names = {f'cells_{k}': f'dec_tower_{i}' for k, i in enumerate(step.cells)}
-    names.update(dec_sampler=f'dec_sampler_{d - 1}', combiner=f'dec_tower_{step.combiner}')
-    if posterior:
-      names.update(enc_combiner=f'enc_tower_{self._enc_combiner_of[d - 1]}',
-                   enc_sampler=f'enc_sampler_{d}')
-      names.update({f'flows_{n}': f'nf_cells_{d * self.arch.num_nf + n}'
-                    for n in range(self.arch.num_nf)})
-    return names
-
   def _encoder_run(self, run: tuple, s: jax.Array, train: bool) -> tuple[jax.Array, list]:
     """The cells of a run of encoder groups; returns (s, the feature of each group)."""
     if self._scanned(run) and self.arch.num_cell_per_cond_enc > 0:
       template = groups.EncoderGroup(self.arch, self._plan['enc_tower'][run[0].combiner][1],
                                      dtype=self.dtype, remat_policy=self.remat_policy,
                                      parent=None)
-      steps = [{f'cells_{k}': f'enc_tower_{i}' for k, i in enumerate(g.cells)} for g in run]
+      steps = [{f'cells_{k}': self.enc_tower[i].name for k, i in enumerate(g.cells)}
+               for g in run]
       s, feats = scan_children(self, template, steps, s, None, args=(train,),
                                read=('params', 'batch_stats'),
                                mutable=self._updated_collections(), policy=self._scan_policy())
@@ -237,7 +226,7 @@ class NVAE(nn.Module):
         zs.append(z)
         terms.append(t)
       return s, zs, terms
-    steps = [self._group_names(g, True) for g in run]
+    steps = [groups.stand_in_names(self._group_parts(g, True)) for g in run]
     s, (z, t) = scan_children(self, self._group_template(run[0], True), steps, s,
                               (jnp.stack(feats), jnp.stack(noise)), args=(train,),
                               read=('params', 'batch_stats'), mutable=self._updated_collections(),
@@ -251,7 +240,7 @@ class NVAE(nn.Module):
       for g, e in zip(run, noise):
         s = groups.prior_step(s, e, self._group_parts(g, False), temperature, train)
       return s
-    steps = [self._group_names(g, False) for g in run]
+    steps = [groups.stand_in_names(self._group_parts(g, False)) for g in run]
     s, _ = scan_children(self, self._group_template(run[0], False), steps, s,
                          jnp.stack(noise), args=(temperature, train),
                          read=('params', 'batch_stats'), mutable=self._updated_collections(),
