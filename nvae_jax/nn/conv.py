@@ -94,7 +94,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding:
   if kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != c:
     raise ValueError(f'depthwise_conv: kernel must be [kh, kw, 1, {c}] for an input with {c} '
                      f'channels, got {kernel.shape}')
-  if impl == 'lax' and _IN_LOOP_BODY.get() and jax.default_backend() == 'cpu':
+  if impl == 'lax' and _in_cpu_loop_body():
     impl = 'shift'  # XLA:CPU turns a grouped conv's kernel gradient in a loop into a dense conv
   if impl == 'lax':
     return lax.conv_general_dilated(
@@ -220,6 +220,11 @@ def loop_body_convs():
     _IN_LOOP_BODY.reset(token)
 
 
+def _in_cpu_loop_body() -> bool:
+  """Whether the conv being traced is in a loop body (:func:`loop_body_convs`) on XLA:CPU."""
+  return _IN_LOOP_BODY.get() and jax.default_backend() == 'cpu'
+
+
 def _dense_conv(x, kernel, stride: int, padding: int, dilation: int) -> jax.Array:
   return lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
@@ -276,7 +281,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     x = x[:, ::stride, ::stride, :]
     y = x.reshape(-1, c_in) @ kernel[0, 0]
     return y.reshape(*x.shape[:-1], kernel.shape[-1])
-  if groups == 1 and stride == 1 and _IN_LOOP_BODY.get() and jax.default_backend() == 'cpu':
+  if groups == 1 and stride == 1 and _in_cpu_loop_body():
     return _conv_canonical_backward(x, kernel, padding, dilation)
   return lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,

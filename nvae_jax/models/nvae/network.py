@@ -125,11 +125,11 @@ class NVAE(nn.Module):
     self.likelihood = make_output_distribution(self.likelihood_name,
                                                **dict(self.likelihood_options))
     self._plan = plan
-    self._enc_runs = group_runs(a.encoder_walk())
-    dec_walk = a.decoder_walk()
+    enc_walk, dec_walk = a.encoder_walk(), a.decoder_walk()
+    self._enc_runs = group_runs(enc_walk)
     self._top_group, self._dec_runs = dec_walk[0], group_runs(dec_walk[1:])
     # The encoder combiner of decoder group d > 0 is the (d - 1)-th from the top.
-    enc_groups = [g for g in a.encoder_walk() if not isinstance(g, int)]
+    enc_groups = [g for g in enc_walk if not isinstance(g, int)]
     self._enc_combiner_of = tuple(g.combiner for g in reversed(enc_groups))
 
   # -- helpers --------------------------------------------------------------------------------
