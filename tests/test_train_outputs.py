@@ -73,7 +73,7 @@ def test_eval_and_image_programs_use_the_platform_compile_options(monkeypatch):
       return batch['image'] + variables['params']['offset']
 
   monkeypatch.setattr(compile_options, 'for_platform',
-                      lambda platform: {'xla_no_such_option_for_this_test': True})
+                      lambda platform, program='model': {'xla_no_such_option_for_this_test': True})
   mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)))
   repl = step_lib.replicated(mesh)
   variables = {'params': {'offset': jnp.float32(0.5)}}

@@ -163,11 +163,115 @@ def test_step_programs_are_compiled_with_the_platform_options(task, config, monk
   from nvae_jax import compile_options
   assert compile_options.for_platform('cpu') == {'xla_backend_optimization_level': 1}
   monkeypatch.setattr(compile_options, 'for_platform',
-                      lambda platform: {'xla_no_such_option_for_this_test': True})
+                      lambda platform, program='model': {'xla_no_such_option_for_this_test': True})
   mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), jax.devices()[:1])
   runner = _Runner(task, config, mesh, programs=programs_setting)
   with pytest.raises(Exception, match='xla_no_such_option_for_this_test'):
     runner.step.lower(runner.fresh_state(), runner.batch0).compile()
+
+
+def test_the_optimizer_program_asks_for_the_optimizer_options(task, config, monkeypatch):
+  """In the two-program update only the optimizer program is compiled with
+  ``program='optimizer'`` (the options that name it are rejected by XLA; the gradient program's
+  are not)."""
+  from nvae_jax import compile_options
+  real = compile_options.for_platform
+
+  def options(platform, program='model'):
+    if program == 'optimizer':
+      return {'xla_no_such_option_for_this_test': True}
+    return real(platform, program)
+
+  monkeypatch.setattr(compile_options, 'for_platform', options)
+  mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), jax.devices()[:1])
+  runner = _Runner(task, config, mesh, programs='two')
+  state = runner.fresh_state()
+  gradients = runner.step.gradients.lower(state, runner.batch0)
+  gradients.compile()
+  with pytest.raises(Exception, match='xla_no_such_option_for_this_test'):
+    runner.step.apply.lower(state, *gradients.out_info).compile()
+
+
+@pytest.fixture
+def low_memory():
+  """Low-memory compilation switched on for one test (the setting is process-wide)."""
+  from nvae_jax import compile_options
+  previous = compile_options.set_cpu_low_memory(True)
+  yield
+  compile_options.set_cpu_low_memory(previous)
+
+
+def test_low_memory_setting(low_memory, monkeypatch):
+  """Low memory: the model's CPU programs leave XLA's MLIR fusion emitters, the optimizer
+  program and accelerators keep their options."""
+  from nvae_jax import compile_options
+  monkeypatch.delenv(compile_options.ENV, raising=False)
+  monkeypatch.setattr(compile_options, 'cpu_has_older_emitters', lambda: True)
+  assert compile_options.cpu_low_memory()
+  assert compile_options.for_platform('cpu') == {'xla_backend_optimization_level': 1,
+                                                 'xla_cpu_use_fusion_emitters': False}
+  assert compile_options.for_platform('cpu', 'optimizer') == {'xla_backend_optimization_level': 1}
+  assert compile_options.for_platform('gpu') is None
+  monkeypatch.setenv(compile_options.ENV, 'default')
+  assert compile_options.for_platform('cpu') == {'xla_cpu_use_fusion_emitters': False}
+  assert compile_options.for_platform('cpu', 'optimizer') is None
+  with pytest.raises(ValueError, match='program'):
+    compile_options.for_platform('cpu', 'decoder')
+  with pytest.raises(TypeError, match='compile_low_memory'):
+    compile_options.set_cpu_low_memory('yes')
+  # An XLA without the older emitters (jax 0.11): a warning, and the usual options.
+  monkeypatch.setattr(compile_options, 'cpu_has_older_emitters', lambda: False)
+  compile_options._warn_no_older_emitters.cache_clear()  # pylint: disable=protected-access
+  with pytest.warns(RuntimeWarning, match='no older CPU emitters'):
+    assert compile_options.for_platform('cpu') is None
+
+
+def test_older_emitters_probe_matches_this_xla():
+  """The probe agrees with what XLA does with the option (accepted up to jax 0.10)."""
+  from nvae_jax import compile_options
+  program = jax.jit(lambda x: x + 1, compiler_options=compile_options.OLDER_EMITTERS)
+  try:
+    program.lower(np.float32(1)).compile()
+    accepted = True
+  except Exception as e:  # pylint: disable=broad-except
+    assert 'No such compile option' in str(e)
+    accepted = False
+  assert compile_options.cpu_has_older_emitters() is accepted
+
+
+def test_low_memory_update_equals_the_default_update(task, config, low_memory):
+  """The same three updates compiled with XLA's older loop emitters (the low-memory mode) and
+  with its fusion emitters: float32 rounding only (two code generators)."""
+  from nvae_jax import compile_options
+  if not compile_options.cpu_has_older_emitters():
+    pytest.skip(f'XLA in jax {jax.__version__} has no older CPU emitters')
+  mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), jax.devices()[:1])
+  low = _Runner(task, config, mesh, programs='two')
+  compile_options.set_cpu_low_memory(False)
+  default = _Runner(task, config, mesh, programs='two')
+  batches = _batches(3)
+  state_low, losses_low = low.run(batches)
+  state_default, losses_default = default.run(batches)
+  np.testing.assert_allclose(losses_low, losses_default, rtol=1e-6)
+  assert losses_low[0] != losses_low[2]
+  _assert_trees_close(state_low['params'], state_default['params'], rtol=1e-5, atol=1e-6)
+  _assert_trees_close(state_low['model_state'], state_default['model_state'], rtol=1e-5,
+                      atol=1e-6)
+
+
+def test_build_sets_low_memory_from_the_config(task, config):
+  from nvae_jax import compile_options
+  from nvae_jax.train import build
+  previous = compile_options.cpu_low_memory()
+  try:
+    for flag in (True, False):
+      c = _config()
+      c.compile_cache = 'off'
+      c.compile_low_memory = flag
+      build.build(c, task)
+      assert compile_options.cpu_low_memory() is flag
+  finally:
+    compile_options.set_cpu_low_memory(previous)
 
 
 def test_cpu_opt_level_setting(monkeypatch):

@@ -6,6 +6,10 @@ Field reference (the platform validates these before any compilation):
 * ``compile_cache``: where JAX's persistent compilation cache lives: ``'auto'`` (the default:
   ``$NVAE_JAX_COMPILE_CACHE``, else ``$JAX_COMPILATION_CACHE_DIR``, else
   ``~/.cache/nvae_jax/jax_cache``), ``'off'``, or a directory (``nvae_jax.compile_cache``).
+* ``compile_low_memory``: bool (False).  On XLA:CPU, compile the model's programs with XLA's
+  older loop emitters: a compile peak about 0.8 GB lower for mnist_tiny (a cold start at
+  1.4 GB instead of 2.4 GB) for a gradient step about 1.25x slower
+  (``nvae_jax.compile_options``).  No effect on accelerators.
 * ``data``: ``name`` (TFDS name such as ``mnist``/``cifar10``/``celeb_a``/
   ``downsampled_imagenet/32x32``, or ``digits`` (scikit-learn, offline), ``folder``, ``npz``),
   ``data_dir`` (TFDS data_dir, or the folder / npz path for local sources), ``download`` (False
@@ -59,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.compile_cache = 'auto'
+  c.compile_low_memory = False
 
   c.data = ml_collections.ConfigDict(dict(
       name='mnist', data_dir='', download=False, train_split='train', eval_split='test',

@@ -226,7 +226,7 @@ def make_train_step(task, tx: optax.GradientTransformation,
       jax.jit(apply, in_shardings=(state_sharding, params_sharding, rep, rep,
                                    model_state_sharding),
               out_shardings=(state_sharding, rep), donate_argnums=(0,),
-              compiler_options=options),
+              compiler_options=compile_options.for_mesh(mesh, 'optimizer')),
       parallel_compile)
 
 
