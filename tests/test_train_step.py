@@ -266,7 +266,6 @@ def test_build_sets_low_memory_from_the_config(task, config):
   try:
     for flag in (True, False):
       c = _config()
-      c.compile_cache = 'off'
       c.compile_low_memory = flag
       build.build(c, task)
       assert compile_options.cpu_low_memory() is flag
