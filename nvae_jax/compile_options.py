@@ -12,13 +12,13 @@ memory*), so on CPU the platform passes level 1.  Accelerators keep XLA's defaul
 Low-memory compilation (``config.compile_low_memory``, :func:`set_cpu_low_memory`).  XLA:CPU's
 MLIR fusion emitters lower each distinct fused kernel with a compiler instance that owns its own
 MLIR context (every dialect loaded, about 2 MB with its pass pipelines).  The main compiler
-thread emits kernels faster than the codegen threads lower them, so on a 2-core machine most of a
-program's kernels wait at once, each holding an instance: about 1.3 GB at the peak of
+thread emits kernels faster than the codegen threads lower them, so on a 2-core machine hundreds
+of a program's kernels wait at once, each holding an instance: about 1.3 GB at the peak of
 mnist_tiny's gradient program (1,310 kernels).  With ``compile_low_memory`` the model's programs
 (gradients, evaluation, sampling, reconstruction) use XLA's older loop emitters instead
 (``xla_cpu_use_fusion_emitters=False``), which emit LLVM IR directly: the same arithmetic, a
-compile peak about 0.8 GB lower, and a gradient step about 1.25x slower (README, *NVAE speed
-and memory*).  The optimizer program keeps the fusion emitters: its 1,300 tiny per-parameter
+compile peak about 0.8 GB lower, and a train step 1.15-1.25x slower in CPU time (README, *NVAE
+speed and memory*, item 10).  The optimizer program keeps the fusion emitters: its 1,300 tiny per-parameter
 kernels take more memory with the older emitters, not less.  Accelerators are unaffected.  XLA
 removed the older emitters in later releases (jax 0.11 rejects the option): there the setting
 warns once and compiles as usual.

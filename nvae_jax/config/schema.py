@@ -8,7 +8,7 @@ Field reference (the platform validates these before any compilation):
   ``~/.cache/nvae_jax/jax_cache``), ``'off'``, or a directory (``nvae_jax.compile_cache``).
 * ``compile_low_memory``: bool (False).  On XLA:CPU, compile the model's programs with XLA's
   older loop emitters: a compile peak about 0.8 GB lower for mnist_tiny (a cold start at
-  1.4 GB instead of 2.4 GB) for a gradient step about 1.25x slower
+  1.4 GB instead of 2.4 GB) for a train step 1.15-1.25x slower in CPU time
   (``nvae_jax.compile_options``).  No effect on accelerators.
 * ``data``: ``name`` (TFDS name such as ``mnist``/``cifar10``/``celeb_a``/
   ``downsampled_imagenet/32x32``, or ``digits`` (scikit-learn, offline), ``folder``, ``npz``),
