@@ -251,6 +251,7 @@ def main(argv=None) -> dict:
       published_global_batch=published_global, reduced_batch=reduced,
       compute_dtype=config.precision.compute_dtype, remat=config.remat.policy,
       update_programs=programs, parallel_compile=parallel_compile,
+      compile_low_memory=bool(config.get('compile_low_memory', False)),
       image_shape=list(shape), params=state_lib.num_params(abstract['params']),
       commit=git_commit(args.root), abstract_state_s=round(abstract_s, 2),
       init_s=round(init_s, 2),
