@@ -18,10 +18,10 @@ mnist_tiny's gradient program (1,310 kernels).  With ``compile_low_memory`` the 
 (gradients, evaluation, sampling, reconstruction) use XLA's older loop emitters instead
 (``xla_cpu_use_fusion_emitters=False``), which emit LLVM IR directly: the same arithmetic, a
 compile peak about 0.8 GB lower, and a train step 1.15-1.25x slower in CPU time (README, *NVAE
-speed and memory*, item 10).  The optimizer program keeps the fusion emitters: its 1,300 tiny per-parameter
-kernels take more memory with the older emitters, not less.  Accelerators are unaffected.  XLA
-removed the older emitters in later releases (jax 0.11 rejects the option): there the setting
-warns once and compiles as usual.
+speed and memory*, item 10).  The optimizer program keeps the fusion emitters: its 1,300 tiny
+per-parameter kernels take more memory with the older emitters, not less.  Accelerators are
+unaffected.  XLA removed the older emitters in later releases (jax 0.11 rejects the option):
+there the setting warns once and compiles as usual.
 """
 
 from __future__ import annotations

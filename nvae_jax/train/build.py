@@ -43,7 +43,7 @@ def build(config, task=None) -> Run:
   config_validation.validate(config, num_devices=jax.device_count(),
                              num_processes=jax.process_count())
   compile_cache.enable(config.get('compile_cache', 'auto'))
-  compile_options.set_cpu_low_memory(bool(config.get('compile_low_memory', False)))
+  compile_options.set_cpu_low_memory(config.get('compile_low_memory', False))
   task = _build_task(config) if task is None else task
   mesh = step_lib.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)
