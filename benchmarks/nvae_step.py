@@ -252,6 +252,8 @@ def main(argv=None) -> dict:
       compute_dtype=config.precision.compute_dtype, remat=config.remat.policy,
       update_programs=programs, parallel_compile=parallel_compile,
       compile_low_memory=bool(config.get('compile_low_memory', False)),
+      compile_worker_nice=int(config.get('compile_worker_nice', 0)),
+      compile_workers_reniced=_reniced_count(),
       image_shape=list(shape), params=state_lib.num_params(abstract['params']),
       commit=git_commit(args.root), abstract_state_s=round(abstract_s, 2),
       init_s=round(init_s, 2),
@@ -269,6 +271,15 @@ def main(argv=None) -> dict:
       command=command_line(__file__, argv))
   print(json.dumps(out), flush=True)
   return out
+
+
+def _reniced_count():
+  """How many XLA compile workers were given the nice value (None for checkouts without it)."""
+  try:
+    from nvae_jax import compile_priority  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return len(compile_priority.reniced_threads())
 
 
 if __name__ == '__main__':

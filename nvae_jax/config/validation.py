@@ -89,6 +89,8 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   _check_schema(config)
   d, o, t = config.data, config.optim, config.train
 
+  if not 0 <= config.compile_worker_nice <= schema.MAX_NICE:
+    _fail('compile_worker_nice', f'an int in 0..{schema.MAX_NICE}', config.compile_worker_nice)
   if not d.name:
     _fail('data.name', 'a dataset name', d.name)
   if not 1 <= d.num_bits <= 8:

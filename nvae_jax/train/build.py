@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from nvae_jax import compile_cache, compile_options, errors
+from nvae_jax import compile_cache, compile_options, compile_priority, errors
 from nvae_jax.config import validation as config_validation
 from nvae_jax.models import build_task
 from nvae_jax.train import checkpoint as ckpt_lib
@@ -39,11 +39,14 @@ class Run:
 def build(config, task=None) -> Run:
   """Validates ``config`` (before any compilation), switches on the persistent compilation cache
   (``config.compile_cache``), sets low-memory compilation (``config.compile_low_memory``) and
-  builds the task, mesh and optimizer."""
+  the compile worker's priority (``config.compile_worker_nice``) and builds the task, mesh and
+  optimizer."""
   config_validation.validate(config, num_devices=jax.device_count(),
                              num_processes=jax.process_count())
   compile_cache.enable(config.get('compile_cache', 'auto'))
   compile_options.set_cpu_low_memory(config.get('compile_low_memory', False))
+  compile_priority.set_worker_nice(config.get('compile_worker_nice',
+                                              compile_priority.DEFAULT_NICE))
   task = _build_task(config) if task is None else task
   mesh = step_lib.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.optim, config.train.num_steps)

@@ -18,6 +18,7 @@ The code is the same on 1 device, N devices and N processes.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from typing import Any, Callable
 
 import jax
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nvae_jax import compile_options
+from nvae_jax import compile_options, compile_priority
 from nvae_jax.config import schema
 from nvae_jax.train import optim
 from nvae_jax.train.state import TrainState
@@ -101,6 +102,11 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   return out
 
 
+def platform_of(mesh: Mesh) -> str:
+  """The platform of the devices of ``mesh`` (``'cpu'``, ``'gpu'``, ``'tpu'``)."""
+  return mesh.devices.flat[0].platform
+
+
 def resolve_update_programs(setting: str = 'auto', platform: str | None = None) -> str:
   """``'one'`` or ``'two'`` for a ``train.update_programs`` value (``'auto'``: two on CPU)."""
   if setting not in schema.UPDATE_PROGRAMS:
@@ -117,14 +123,17 @@ class TwoProgramUpdate:
 
   Behaves like the one-program update (``__call__``, and ``lower(state, batch).compile()``
   returning a callable with the same signature).  ``parallel_compile``: ``compile()`` compiles
-  the two programs at the same time, the optimizer program in a second thread (XLA:CPU leaves
-  a core idle during much of a compile; on 2 cores mnist_tiny's pair compiles in 17.4-19.2 s
+  the two programs at the same time, the gradient program in a second thread (XLA:CPU leaves a
+  core idle during much of a compile; on 2 cores mnist_tiny's pair compiles in 17.4-19.2 s
   instead of 21.1-24.1 s, at a 150-290 MB higher peak RSS); otherwise one after the other.
+  On ``platform`` ``'cpu'`` each compile runs under
+  :class:`nvae_jax.compile_priority.yielding_compile`.
   """
 
-  def __init__(self, gradients, apply, parallel_compile: bool = False):
+  def __init__(self, gradients, apply, parallel_compile: bool = False, platform: str = 'cpu'):
     self.gradients, self.apply = gradients, apply
     self.parallel_compile = parallel_compile
+    self.platform = platform
 
   def __call__(self, state, batch):
     return self.apply(state, *self.gradients(state, batch))
@@ -132,22 +141,38 @@ class TwoProgramUpdate:
   def lower(self, state, batch):
     gradients = self.gradients.lower(state, batch)
     return _LoweredPair(gradients, self.apply.lower(state, *gradients.out_info),
-                        self.parallel_compile)
+                        self.parallel_compile, self.platform)
 
 
 class _LoweredPair:
 
-  def __init__(self, gradients, apply, parallel_compile: bool):
+  def __init__(self, gradients, apply, parallel_compile: bool, platform: str):
     self.gradients, self.apply = gradients, apply
     self.parallel_compile = parallel_compile
+    self.platform = platform
 
   def compile(self):
+    yielding = functools.partial(compile_priority.yielding_compile, self.platform)
     if not self.parallel_compile:
-      return TwoProgramUpdate(self.gradients.compile(), self.apply.compile())
+      with yielding():
+        gradients = self.gradients.compile()
+      with yielding():
+        return TwoProgramUpdate(gradients, self.apply.compile())
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      apply = pool.submit(self.apply.compile)
-      gradients = self.gradients.compile()
-      return TwoProgramUpdate(gradients, apply.result())
+      # The optimizer program starts once the gradient program's worker is found, so that each
+      # watch sees one new worker (compile_priority).
+      with yielding() as watch:
+        gradients = pool.submit(self.gradients.compile)
+        watch.wait(gradients, timeout=_FIND_WORKER_S)
+      with yielding():
+        apply = self.apply.compile()
+      return TwoProgramUpdate(gradients.result(), apply)
+
+
+# How long the parallel compile waits for the gradient program's compile worker to show before it
+# starts the optimizer program anyway (the worker starts after the program is hashed for the
+# compilation cache; a cache hit never shows one).
+_FIND_WORKER_S = 3.0
 
 
 def make_train_step(task, tx: optax.GradientTransformation,
@@ -210,13 +235,14 @@ def make_train_step(task, tx: optax.GradientTransformation,
   def update(state: TrainState, batch) -> tuple[TrainState, dict]:
     return apply(state, *gradients(state, batch))
 
-  programs = resolve_update_programs(programs, mesh.devices.flat[0].platform)
+  platform = platform_of(mesh)
+  programs = resolve_update_programs(programs, platform)
   data, rep = batch_sharding(mesh), replicated(mesh)
   options = compile_options.for_mesh(mesh)
   if programs == 'one':
-    return jax.jit(update, in_shardings=(state_sharding, data),
-                   out_shardings=(state_sharding, rep), donate_argnums=(0,),
-                   compiler_options=options)
+    return compile_priority.compile_on_first_call(
+        jax.jit(update, in_shardings=(state_sharding, data), out_shardings=(state_sharding, rep),
+                donate_argnums=(0,), compiler_options=options), platform)
   params_sharding = state_sharding['params']
   model_state_sharding = state_sharding['model_state']
   return TwoProgramUpdate(
@@ -227,7 +253,7 @@ def make_train_step(task, tx: optax.GradientTransformation,
                                    model_state_sharding),
               out_shardings=(state_sharding, rep), donate_argnums=(0,),
               compiler_options=compile_options.for_mesh(mesh, 'optimizer')),
-      parallel_compile)
+      parallel_compile, platform)
 
 
 def to_host(tree):

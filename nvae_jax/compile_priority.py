@@ -1,0 +1,284 @@
+"""XLA:CPU's compile worker at a lower scheduling priority than its code generation (Linux).
+
+Why.  XLA:CPU compiles a program on a worker thread of its own while the calling Python thread
+waits.  After the HLO passes, the worker emits each distinct fused kernel as MLIR and hands it
+to the code-generation pool (one thread per core), which lowers it to LLVM IR with a compiler
+instance of its own: a fresh MLIR context with every dialect loaded, about 2 MB.  Emitting a
+kernel is cheaper than lowering it, so on a machine with few cores the emitted kernels queue
+up, each holding an instance: mnist_tiny's gradient program (1,310 kernels) gains 1.3 GB at its
+compile's peak on 2 cores.  With the worker at nice +10 (scheduler weight 110 against the
+code-generation threads' 1024), the kernel scheduler runs it only when lowering leaves a core
+free, so emission keeps pace with lowering.  The compile does the same work in about the same
+time, the executable is the same, and the peak is 0.8-1.1 GB lower (README, *NVAE speed and
+memory*).
+
+Which thread is the worker.  XLA takes a worker from a pool of its own for each compile, so
+every compile is watched (:class:`yielding_compile`, :func:`compile_on_first_call`): the run time
+of every thread of the process (``/proc/self/task/<tid>/schedstat``) is read just before the
+compile call and every few milliseconds after it, and :class:`WorkerSpotter` names the thread
+that starts working first and outlasts the helpers that start with it (the HLO passes keep the
+worker busy for a second or more before code generation starts; Python threads are never
+candidates).  A thread inherits the nice value of the thread that creates it, and XLA makes its
+code-generation threads on the first compile that needs them, so a tiny program is compiled
+first (:func:`start_compiler_threads`).  A thread's nice value cannot be lowered again without
+privileges, and XLA keeps its compile workers for compiling.  The cost: while other processes
+keep the cores busy, a reniced compile gets a smaller share of them.
+
+Nothing changes where ``/proc`` or ``os.setpriority`` is missing (not Linux), on accelerators,
+with ``nice`` 0, or when no thread qualifies (a persistent-cache hit compiles nothing; a small
+program is through its HLO passes before its worker can be told from its helpers).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+
+DEFAULT_NICE = 10
+MAX_NICE = 19
+RUN_TO_IDENTIFY_NS = 250_000_000  # 0.25 s of run time
+BASELINE_S = 0.01  # a thread that runs during this window before the call is not a candidate
+POLL_S = 0.005
+_TASKS = '/proc/self/task'
+
+_nice = DEFAULT_NICE
+_reniced: set[int] = set()
+
+
+def set_worker_nice(nice: int) -> int:
+  """Sets the nice value given to XLA:CPU's compile worker (0 = leave it alone), process-wide
+  (``train.build.build`` sets it from ``config.compile_worker_nice``).  Returns the previous
+  value."""
+  global _nice
+  if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= MAX_NICE:
+    raise ValueError(f'compile_worker_nice: expected an int in 0..{MAX_NICE}, got {nice!r}')
+  previous, _nice = _nice, nice
+  return previous
+
+
+def worker_nice() -> int:
+  """The nice value given to XLA:CPU's compile worker (0: none)."""
+  return _nice
+
+
+def reniced_threads() -> list[int]:
+  """The thread ids this process has given the compile worker's nice value so far."""
+  return sorted(_reniced)
+
+
+def supported() -> bool:
+  """Whether this system exposes per-thread run times and per-thread priorities (Linux)."""
+  return hasattr(os, 'setpriority') and os.path.exists(f'{_TASKS}/{threading.get_native_id()}'
+                                                       '/schedstat')
+
+
+def thread_nice(tid: int) -> int:
+  """The nice value of thread ``tid`` of this process."""
+  return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def run_times() -> dict[int, int]:
+  """Nanoseconds each thread of this process has run so far, by thread id."""
+  times = {}
+  for name in os.listdir(_TASKS):
+    try:
+      with open(f'{_TASKS}/{name}/schedstat') as f:
+        times[int(name)] = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # the thread ended meanwhile
+      continue
+  return times
+
+
+@functools.lru_cache(maxsize=1)
+def start_compiler_threads() -> None:
+  """Compiles a tiny program once, so that XLA:CPU has made its code-generation threads before
+  any worker is reniced: a thread inherits the nice value of the thread that creates it, and XLA
+  makes them on the first compile that needs them, from that compile's worker."""
+  on_cpu = jax.device_put(np.float32(0), jax.devices('cpu')[0])
+  jax.jit(lambda x: x * 2 + 1).lower(on_cpu).compile()
+
+
+def _python_threads() -> set[int]:
+  return {t.native_id for t in threading.enumerate() if t.native_id is not None}
+
+
+class WorkerSpotter:
+  """Finds the compile worker in successive samples of the threads' run times (``run_times()``).
+
+  The threads that start working within ``opening`` samples of the first one (working: at least
+  ``min_work_ns`` in one sample interval) are the compile's opening set: the worker and the
+  helpers that convert the program with it.  Code-generation threads start later, once kernels
+  are emitted.  The helpers stop after a fraction of a second; the worker runs through the HLO
+  passes for a second or more.  So the worker is the member of the opening set that has run
+  ``run_ns`` while every other member has paused (``max_gap`` samples in a row without run time).
+  If every member pauses first (a program small enough to have finished its passes), there is
+  no answer: a compile that short gains nothing.  Candidates: not running during the baseline
+  (``before`` and ``start``: two samples just before the call; another compile's worker, say)
+  and not in ``excluded`` (Python threads, workers already found).
+  """
+
+  def __init__(self, before: dict[int, int], start: dict[int, int],
+               run_ns: int = RUN_TO_IDENTIFY_NS, max_gap: int = 4, opening: int = 10,
+               min_work_ns: int = 2_000_000):
+    self.busy_before = {tid for tid, ns in start.items() if ns > before.get(tid, ns)}
+    self.run_ns, self.max_gap, self.opening, self.min_work_ns = (run_ns, max_gap, opening,
+                                                                 min_work_ns)
+    self._start = dict(start)
+    self._last = dict(start)
+    self._sample = 0
+    self._opened_at: Optional[int] = None
+    self._members: set[int] = set()
+    self._idle: dict[int, int] = {}
+    self.gave_up = False
+
+  def update(self, now: dict[int, int], excluded: set[int]) -> Optional[int]:
+    """Takes the next sample; returns the worker's thread id once one qualifies, else None."""
+    if self.gave_up:
+      return None
+    self._sample += 1
+    for tid, ns in now.items():
+      if tid in self.busy_before or tid in excluded:
+        continue
+      ran = ns - self._last.get(tid, 0)  # a thread born since the last sample: all its run time
+      opening = self._opened_at is None or self._sample - self._opened_at < self.opening
+      if ran >= self.min_work_ns and opening and tid not in self._members:
+        self._members.add(tid)
+        self._opened_at = self._sample if self._opened_at is None else self._opened_at
+      if tid in self._members:
+        self._idle[tid] = 0 if ran > 0 else self._idle[tid] + 1
+    self._last = dict(now)
+    running = [tid for tid in self._members
+               if tid in now and tid not in excluded and self._idle[tid] < self.max_gap]
+    if not running:
+      self.gave_up = self._opened_at is not None
+      return None
+    if len(running) == 1 and now[running[0]] - self._start.get(running[0], 0) >= self.run_ns:
+      return running[0]
+    return None
+
+
+class yielding_compile:  # pylint: disable=invalid-name  (used as a context manager)
+  """``with yielding_compile(platform): lowered.compile()``: gives XLA:CPU's compile worker the
+  process-wide nice value while the compile runs (see the module docstring).
+
+  One compile call may start inside the block: the watch ends when its worker is found.
+  ``reniced``: the thread ids given the nice value.  :meth:`wait` blocks until the worker is
+  found (or ``future``, a compile running in another thread, is done).
+  """
+
+  def __init__(self, platform: str, nice: Optional[int] = None):
+    self.nice = worker_nice() if nice is None else nice
+    self.active = platform == 'cpu' and self.nice > 0 and supported()
+    self.reniced: list[int] = []
+    self._found = threading.Event()
+    self._stop = threading.Event()
+    self._thread = None
+
+  def __enter__(self):
+    if not self.active:
+      self._found.set()
+      return self
+    start_compiler_threads()
+    before = run_times()
+    time.sleep(BASELINE_S)
+    start = run_times()
+    self._thread = threading.Thread(target=self._watch, args=(before, start), daemon=True,
+                                    name='nvae_jax-compile-priority')
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    return False
+
+  def wait(self, future=None, timeout: Optional[float] = None) -> bool:
+    """Blocks until the worker is found, ``future`` is done, or ``timeout`` seconds passed;
+    returns whether it was found."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not self._found.wait(POLL_S):
+      if future is not None and future.done():
+        break
+      if deadline is not None and time.monotonic() > deadline:
+        break
+    return self._found.is_set()
+
+  def _watch(self, before, start):
+    spotter = WorkerSpotter(before, start)
+    while not self._stop.wait(POLL_S):
+      tid = spotter.update(run_times(), _python_threads() | _reniced)
+      if spotter.gave_up:
+        return
+      if tid is None:
+        continue
+      try:
+        os.setpriority(os.PRIO_PROCESS, tid, max(self.nice, thread_nice(tid)))
+      except OSError:  # it ended, or the system refused: leave it as it is
+        pass
+      else:
+        self.reniced.append(tid)
+        _reniced.add(tid)
+      self._found.set()
+      return
+
+
+def _signature(args) -> tuple:
+  leaves, treedef = jax.tree.flatten(args)
+  return treedef, tuple((np.shape(x), np.result_type(x) if not hasattr(x, 'dtype') else x.dtype,
+                         bool(getattr(x, 'weak_type', False))) for x in leaves)
+
+
+class CompileOnFirstCall:
+  """``jitted`` with each of its compiles under :class:`yielding_compile`.
+
+  A call with arguments of a new signature (tree structure, shapes, dtypes) lowers the program,
+  compiles it inside a watch and keeps the compiled program for later calls of that signature.
+  ``lower(*args).compile()`` compiles inside a watch too.  (A plain first call of a jitted
+  function compiles inside the call, where the watch would also see the threads that run the
+  program.)
+  """
+
+  def __init__(self, jitted, platform: str):
+    self.jitted, self.platform = jitted, platform
+    self._compiled = {}
+
+  def __call__(self, *args):
+    key = _signature(args)
+    compiled = self._compiled.get(key)
+    if compiled is None:
+      lowered = self.jitted.lower(*args)
+      with yielding_compile(self.platform):
+        compiled = self._compiled[key] = lowered.compile()
+    return compiled(*args)
+
+  def lower(self, *args):
+    return _WatchedLowered(self.jitted.lower(*args), self.platform)
+
+
+class _WatchedLowered:
+  """A ``jax.stages.Lowered`` whose ``compile()`` runs under :class:`yielding_compile`."""
+
+  def __init__(self, lowered, platform: str):
+    self._lowered, self._platform = lowered, platform
+
+  def compile(self, *args, **kwargs):
+    with yielding_compile(self._platform):
+      return self._lowered.compile(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._lowered, name)
+
+
+def compile_on_first_call(jitted, platform: str):
+  """``jitted`` itself where nothing would be reniced (accelerators, nice 0, not Linux), else a
+  :class:`CompileOnFirstCall` of it."""
+  if platform != 'cpu' or worker_nice() == 0 or not supported():
+    return jitted
+  return CompileOnFirstCall(jitted, platform)

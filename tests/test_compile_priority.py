@@ -1,0 +1,148 @@
+"""XLA:CPU's compile worker at a lower priority (nvae_jax.compile_priority)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nvae_jax import compile_priority
+
+MS = 1_000_000
+
+
+def _spotter(before, start):
+  return compile_priority.WorkerSpotter(before, start, run_ns=50 * MS, max_gap=2, opening=3,
+                                        min_work_ns=2 * MS)
+
+
+def _feed(spotter, samples, excluded=frozenset()):
+  """The spotter's answers to a list of samples ({tid: run time in ms})."""
+  return [spotter.update({t: ms * MS for t, ms in sample.items()}, set(excluded))
+          for sample in samples]
+
+
+def test_spotter_takes_the_opening_thread_that_outlasts_its_helpers():
+  """Thread 2 (the worker) and 3 (a helper) start together; the helper stops after 30 ms.
+  Thread 4 ran during the baseline (another compile's worker), thread 1 is Python, thread 5
+  (code generation) starts later and runs too."""
+  spotter = _spotter({1: 0, 2: 0, 3: 0, 4: 0}, {1: 0, 2: 0, 3: 0, 4: 5 * MS})
+  samples = []
+  for i in range(1, 10):
+    samples.append({1: 10 * i, 2: 10 * i, 3: 10 * min(i, 3), 4: 5 + 10 * i,
+                    5: max(0, 10 * (i - 4))})
+  answers = _feed(spotter, samples, excluded={1})
+  # The helper pauses after sample 3 and counts as stopped after sample 5, when the worker has
+  # run 50 ms.
+  assert answers == [None] * 4 + [2] * 5
+
+
+def test_spotter_gives_up_when_the_opening_threads_stop_first():
+  """A small program: the worker runs 30 ms, then waits while code generation (thread 5,
+  starting after the opening samples) runs; no thread is ever named."""
+  spotter = _spotter({2: 0}, {2: 0})
+  samples = [{2: 10 * min(i, 3), 5: max(0, 20 * (i - 3))} for i in range(1, 12)]
+  assert _feed(spotter, samples) == [None] * 11
+  assert spotter.gave_up
+
+
+def test_spotter_ignores_blips_and_threads_born_after_the_opening():
+  """Thread 6 runs 1 ms (below the work threshold) before the worker starts; thread 9 is born
+  after the opening samples and never counts."""
+  spotter = _spotter({2: 0, 6: 0}, {2: 0, 6: 0})
+  samples = [{2: 0, 6: 1}, {2: 0, 6: 1}]
+  samples += [{2: 10 * i, 6: 1} for i in range(1, 4)]
+  samples += [{2: 30 + 10 * i, 6: 1, 9: 10 * i} for i in range(1, 4)]
+  samples += [{2: 60 + 10 * i, 6: 1, 9: 30 + 10 * i} for i in range(1, 3)]
+  # The worker opens at sample 3 and has run 50 ms at sample 7; thread 9 keeps running.
+  assert _feed(spotter, samples) == [None] * 6 + [2] * 4
+
+
+def test_worker_nice_setting():
+  previous = compile_priority.set_worker_nice(3)
+  try:
+    assert compile_priority.worker_nice() == 3
+    for bad in (-1, 20, 2.0, True, '10'):
+      with pytest.raises(ValueError, match='compile_worker_nice'):
+        compile_priority.set_worker_nice(bad)
+    assert compile_priority.worker_nice() == 3
+  finally:
+    compile_priority.set_worker_nice(previous)
+  assert compile_priority.DEFAULT_NICE == 10
+
+
+@pytest.mark.parametrize('platform, nice', [('gpu', 10), ('tpu', 10), ('cpu', 0)])
+def test_nothing_is_watched_off_cpu_or_at_nice_zero(platform, nice):
+  with compile_priority.yielding_compile(platform, nice=nice) as watch:
+    assert not watch.active
+    assert watch.wait(timeout=0)
+  assert watch.reniced == [] and watch._thread is None  # pylint: disable=protected-access
+
+
+_PROBE = r'''
+import json, os, threading, time
+import jax, jax.numpy as jnp
+from nvae_jax import compile_priority as cp
+
+def program(n):
+  def f(x):
+    for i in range(n):
+      x = jnp.sin(x * (i + 1)) + jnp.roll(x, i % 7) * 0.5
+    return x
+  return jax.jit(f).lower(jnp.ones(64))
+
+jax.devices()
+at_start = set(cp.run_times())
+cp.start_compiler_threads()
+made_by_first_compile = set(cp.run_times()) - at_start
+lowered = program(100)
+with cp.yielding_compile('cpu') as watch:
+  compiled = lowered.compile()
+x = jnp.ones(64)
+expected = x
+for i in range(100):
+  expected = jnp.sin(expected * (i + 1)) + jnp.roll(expected, i % 7) * 0.5
+worker = watch.reniced[0] if watch.reniced else None
+# The worker compiles the next program too, and takes no part in running one.
+lowered = program(30)
+before = cp.run_times()
+lowered.compile()
+compile_ran = cp.run_times().get(worker, 0) - before.get(worker, 0)
+a = jnp.ones((800, 800))
+matmul = jax.jit(lambda a: jnp.tanh(a @ a) @ a)
+matmul(a).block_until_ready()
+before = cp.run_times()
+for _ in range(10):
+  matmul(a).block_until_ready()
+run_ran = cp.run_times().get(worker, 0) - before.get(worker, 0)
+print(json.dumps(dict(
+    reniced=watch.reniced, worker_nice=cp.thread_nice(worker) if worker else None,
+    python_nice=[cp.thread_nice(t.native_id) for t in threading.enumerate()],
+    others_nice=sorted({cp.thread_nice(t) for t in cp.run_times() if t != worker}),
+    worker_existed_before=worker in at_start,
+    worker_made_by_first_compile=worker in made_by_first_compile,
+    compile_ran_ms=compile_ran / 1e6, run_ran_ms=run_ran / 1e6,
+    max_error=float(abs(compiled(x) - expected).max()), all_reniced=cp.reniced_threads())))
+'''
+
+
+@pytest.mark.skipif(not compile_priority.supported(), reason='needs Linux per-thread scheduling')
+def test_the_compile_worker_is_found_and_reniced():
+  """In a fresh process: one thread is given nice 10, and it is XLA's compile worker. It
+  existed before the first compile (XLA's code-generation threads are made by it), it is not a
+  Python thread, it does the work of the next compile, and it takes no part in running a
+  program; every other thread keeps nice 0. The compiled program computes what it should."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', _PROBE], capture_output=True, text=True, env=env,
+                       timeout=300, check=True)
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert len(result['reniced']) == 1, result
+  assert result['all_reniced'] == result['reniced']
+  assert result['worker_nice'] == compile_priority.DEFAULT_NICE
+  assert set(result['python_nice']) == {0}
+  assert result['others_nice'] == [0], result
+  assert result['worker_existed_before'] and not result['worker_made_by_first_compile'], result
+  assert result['compile_ran_ms'] > 100, result
+  assert result['run_ran_ms'] == 0, result
+  assert result['max_error'] < 1e-5
