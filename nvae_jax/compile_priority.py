@@ -31,6 +31,7 @@ program is through its HLO passes before its worker can be told from its helpers
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import threading
@@ -38,6 +39,7 @@ import time
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_NICE = 10
@@ -45,6 +47,9 @@ MAX_NICE = 19
 RUN_TO_IDENTIFY_NS = 250_000_000  # 0.25 s of run time
 BASELINE_S = 0.01  # a thread that runs during this window before the call is not a candidate
 POLL_S = 0.005
+# How long start_compile waits for the worker to show (it starts once the program is hashed for
+# the compilation cache; a cache hit never shows one).
+FIND_WORKER_S = 3.0
 _TASKS = '/proc/self/task'
 
 _nice = DEFAULT_NICE
@@ -95,13 +100,45 @@ def run_times() -> dict[int, int]:
   return times
 
 
+def _probe_program(n: int = 60):
+  def f(x):
+    for i in range(n):
+      x = jnp.sin(x * (i + 1)) + x[::-1] * 0.5
+    return x
+  return jax.jit(f).lower(jax.device_put(np.ones(16, np.float32), jax.devices('cpu')[0]))
+
+
 @functools.lru_cache(maxsize=1)
-def start_compiler_threads() -> None:
-  """Compiles a tiny program once, so that XLA:CPU has made its code-generation threads before
-  any worker is reniced: a thread inherits the nice value of the thread that creates it, and XLA
-  makes them on the first compile that needs them, from that compile's worker."""
-  on_cpu = jax.device_put(np.float32(0), jax.devices('cpu')[0])
-  jax.jit(lambda x: x * 2 + 1).lower(on_cpu).compile()
+def compiles_in_calling_thread() -> bool:
+  """Whether XLA:CPU compiles in the thread that asks for the compile (jax 0.11) rather than
+  on a worker of its own (jax 0.10).  Compiles a small program in a new thread and sees which
+  thread did the work.  Being the process's first compile, it also makes XLA's code-generation
+  threads at nice 0: a thread inherits the nice value of the thread that creates it, and XLA
+  makes them on the first compile that needs them."""
+  lowered = _probe_program()
+  box = {}
+
+  def run():
+    before, mine = run_times(), _own_run_time()
+    lowered.compile()
+    box['own'] = _own_run_time() - mine
+    box['all'] = sum(run_times().values()) - sum(before.values())
+
+  thread = threading.Thread(target=run, name='nvae_jax-compile-probe')
+  thread.start()
+  thread.join()
+  # jax 0.10: the caller's share is about 3 %; jax 0.11: 35-45 % (the rest is code generation).
+  return box['own'] > 0.2 * box['all']
+
+
+def _own_run_time() -> int:
+  with open(f'{_TASKS}/{threading.get_native_id()}/schedstat') as f:
+    return int(f.read().split()[0])
+
+
+def _renice_self(nice: int) -> None:
+  tid = threading.get_native_id()
+  os.setpriority(os.PRIO_PROCESS, tid, max(nice, thread_nice(tid)))
 
 
 def _python_threads() -> set[int]:
@@ -184,7 +221,7 @@ class yielding_compile:  # pylint: disable=invalid-name  (used as a context mana
     if not self.active:
       self._found.set()
       return self
-    start_compiler_threads()
+    compiles_in_calling_thread()
     before = run_times()
     time.sleep(BASELINE_S)
     start = run_times()
@@ -229,6 +266,55 @@ class yielding_compile:  # pylint: disable=invalid-name  (used as a context mana
       return
 
 
+def _active(platform: str) -> bool:
+  return platform == 'cpu' and worker_nice() > 0 and supported()
+
+
+def start_compile(lowered, platform: str) -> concurrent.futures.Future:
+  """Starts ``lowered.compile()`` in a new thread, with XLA:CPU's compile work at the
+  process-wide nice value; returns its future.  Where XLA compiles on a worker of its own, this
+  returns once the worker is found (at most ``FIND_WORKER_S``), so that a compile started next
+  is watched alone."""
+  future = concurrent.futures.Future()
+  if not _active(platform):
+    nice = 0
+  elif compiles_in_calling_thread():
+    nice = worker_nice()
+  else:
+    with yielding_compile(platform) as watch:
+      _run_in_thread(lowered.compile, future, 0)
+      watch.wait(future, timeout=FIND_WORKER_S)
+    return future
+  _run_in_thread(lowered.compile, future, nice)
+  return future
+
+
+def compile(lowered, platform: str):  # pylint: disable=redefined-builtin
+  """``lowered.compile()`` with XLA:CPU's compile work at the process-wide nice value: in a
+  thread of its own that takes the nice value and ends with the compile (XLA compiling in the
+  calling thread), or under :class:`yielding_compile` (XLA compiling on a worker)."""
+  if not _active(platform):
+    return lowered.compile()
+  if not compiles_in_calling_thread():
+    with yielding_compile(platform):
+      return lowered.compile()
+  future = concurrent.futures.Future()
+  _run_in_thread(lowered.compile, future, worker_nice())
+  return future.result()
+
+
+def _run_in_thread(fn, future: concurrent.futures.Future, nice: int) -> None:
+  def run():
+    try:
+      if nice:
+        _renice_self(nice)
+      future.set_result(fn())
+    except BaseException as e:  # pylint: disable=broad-except  (handed to the caller)
+      future.set_exception(e)
+
+  threading.Thread(target=run, name='nvae_jax-compile', daemon=True).start()
+
+
 def _signature(args) -> tuple:
   leaves, treedef = jax.tree.flatten(args)
   return treedef, tuple((np.shape(x), np.result_type(x) if not hasattr(x, 'dtype') else x.dtype,
@@ -236,11 +322,11 @@ def _signature(args) -> tuple:
 
 
 class CompileOnFirstCall:
-  """``jitted`` with each of its compiles under :class:`yielding_compile`.
+  """``jitted`` with each of its compiles through :func:`compile`.
 
   A call with arguments of a new signature (tree structure, shapes, dtypes) lowers the program,
-  compiles it inside a watch and keeps the compiled program for later calls of that signature.
-  ``lower(*args).compile()`` compiles inside a watch too.  (A plain first call of a jitted
+  compiles it with :func:`compile` and keeps the compiled program for later calls of that signature.
+  ``lower(*args).compile()`` is :func:`compile` too.  (A plain first call of a jitted
   function compiles inside the call, where the watch would also see the threads that run the
   program.)
   """
@@ -253,9 +339,7 @@ class CompileOnFirstCall:
     key = _signature(args)
     compiled = self._compiled.get(key)
     if compiled is None:
-      lowered = self.jitted.lower(*args)
-      with yielding_compile(self.platform):
-        compiled = self._compiled[key] = lowered.compile()
+      compiled = self._compiled[key] = compile(self.jitted.lower(*args), self.platform)
     return compiled(*args)
 
   def lower(self, *args):
@@ -263,14 +347,13 @@ class CompileOnFirstCall:
 
 
 class _WatchedLowered:
-  """A ``jax.stages.Lowered`` whose ``compile()`` runs under :class:`yielding_compile`."""
+  """A ``jax.stages.Lowered`` whose ``compile()`` is :func:`compile`."""
 
   def __init__(self, lowered, platform: str):
     self._lowered, self._platform = lowered, platform
 
-  def compile(self, *args, **kwargs):
-    with yielding_compile(self._platform):
-      return self._lowered.compile(*args, **kwargs)
+  def compile(self):
+    return compile(self._lowered, self._platform)
 
   def __getattr__(self, name):
     return getattr(self._lowered, name)
@@ -279,6 +362,6 @@ class _WatchedLowered:
 def compile_on_first_call(jitted, platform: str):
   """``jitted`` itself where nothing would be reniced (accelerators, nice 0, not Linux), else a
   :class:`CompileOnFirstCall` of it."""
-  if platform != 'cpu' or worker_nice() == 0 or not supported():
+  if not _active(platform):
     return jitted
   return CompileOnFirstCall(jitted, platform)

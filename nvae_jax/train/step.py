@@ -17,8 +17,6 @@ The code is the same on 1 device, N devices and N processes.
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
 from typing import Any, Callable
 
 import jax
@@ -126,8 +124,8 @@ class TwoProgramUpdate:
   the two programs at the same time, the gradient program in a second thread (XLA:CPU leaves a
   core idle during much of a compile; on 2 cores mnist_tiny's pair compiles in 17.4-19.2 s
   instead of 21.1-24.1 s, at a 150-290 MB higher peak RSS); otherwise one after the other.
-  On ``platform`` ``'cpu'`` each compile runs under
-  :class:`nvae_jax.compile_priority.yielding_compile`.
+  Each compile goes through :func:`nvae_jax.compile_priority.compile` (on CPU, XLA's compile
+  work runs below its code generation).
   """
 
   def __init__(self, gradients, apply, parallel_compile: bool = False, platform: str = 'cpu'):
@@ -152,27 +150,12 @@ class _LoweredPair:
     self.platform = platform
 
   def compile(self):
-    yielding = functools.partial(compile_priority.yielding_compile, self.platform)
     if not self.parallel_compile:
-      with yielding():
-        gradients = self.gradients.compile()
-      with yielding():
-        return TwoProgramUpdate(gradients, self.apply.compile())
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      # The optimizer program starts once the gradient program's worker is found, so that each
-      # watch sees one new worker (compile_priority).
-      with yielding() as watch:
-        gradients = pool.submit(self.gradients.compile)
-        watch.wait(gradients, timeout=_FIND_WORKER_S)
-      with yielding():
-        apply = self.apply.compile()
-      return TwoProgramUpdate(gradients.result(), apply)
-
-
-# How long the parallel compile waits for the gradient program's compile worker to show before it
-# starts the optimizer program anyway (the worker starts after the program is hashed for the
-# compilation cache; a cache hit never shows one).
-_FIND_WORKER_S = 3.0
+      return TwoProgramUpdate(compile_priority.compile(self.gradients, self.platform),
+                              compile_priority.compile(self.apply, self.platform))
+    gradients = compile_priority.start_compile(self.gradients, self.platform)
+    apply = compile_priority.compile(self.apply, self.platform)
+    return TwoProgramUpdate(gradients.result(), apply)
 
 
 def make_train_step(task, tx: optax.GradientTransformation,
