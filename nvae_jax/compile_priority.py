@@ -100,10 +100,15 @@ def run_times() -> dict[int, int]:
   return times
 
 
-def _probe_program(n: int = 60):
+def _probe_program(n: int = 30):
+  """A small program that no persistent compilation cache holds: a constant drawn per process
+  makes its cache key new (it compiles in well under the cache's 0.5 s threshold, so it is not
+  written either), and a cache hit would time a load instead of a compile."""
+  salt = float(np.random.default_rng().random())
+
   def f(x):
     for i in range(n):
-      x = jnp.sin(x * (i + 1)) + x[::-1] * 0.5
+      x = jnp.sin(x * (i + 1) + salt) + x[::-1] * 0.5
     return x
   return jax.jit(f).lower(jax.device_put(np.ones(16, np.float32), jax.devices('cpu')[0]))
 
@@ -112,9 +117,9 @@ def _probe_program(n: int = 60):
 def compiles_in_calling_thread() -> bool:
   """Whether XLA:CPU compiles in the thread that asks for the compile (jax 0.11) rather than
   on a worker of its own (jax 0.10).  Compiles a small program in a new thread and sees which
-  thread did the work.  Being the process's first compile, it also makes XLA's code-generation
-  threads at nice 0: a thread inherits the nice value of the thread that creates it, and XLA
-  makes them on the first compile that needs them."""
+  thread did the work.  It runs before anything is reniced, so XLA's code-generation threads
+  exist at nice 0 from then on: XLA makes them on the first compile that needs them, and a
+  thread inherits the nice value of the thread that creates it."""
   lowered = _probe_program()
   box = {}
 
