@@ -10,10 +10,12 @@ Field reference (the platform validates these before any compilation):
   older loop emitters: a compile peak about 0.8 GB lower for mnist_tiny (a cold start at
   1.4 GB instead of 2.4 GB) for a train step 1.15-1.25x slower in CPU time
   (``nvae_jax.compile_options``).  No effect on accelerators.
-* ``compile_worker_nice``: int in 0..19 (10).  On XLA:CPU under Linux, the thread on which XLA
-  compiles the train step runs at this nice value, below XLA's code-generation threads, so the
-  kernels it emits do not queue up waiting for code generation: the same compile with a peak
-  about 1 GB lower for mnist_tiny (``nvae_jax.compile_priority``); 0 leaves it alone.
+* ``compile_worker_nice``: int in 0..19 (10).  On XLA:CPU under Linux, the thread that does
+  XLA's compile work for the platform's programs (train step, evaluation, sampling) runs at
+  this nice value, below XLA's code-generation threads, so the kernels it emits do not queue up
+  waiting for code generation: the same compile with a peak about 0.8 GB lower for mnist_tiny
+  (``nvae_jax.compile_priority``); 0 leaves it alone.  With it, ``compile_low_memory`` gains
+  next to nothing.
 * ``data``: ``name`` (TFDS name such as ``mnist``/``cifar10``/``celeb_a``/
   ``downsampled_imagenet/32x32``, or ``digits`` (scikit-learn, offline), ``folder``, ``npz``),
   ``data_dir`` (TFDS data_dir, or the folder / npz path for local sources), ``download`` (False
