@@ -218,13 +218,13 @@ class yielding_compile:  # pylint: disable=invalid-name  (used as a context mana
     self.nice = worker_nice() if nice is None else nice
     self.active = platform == 'cpu' and self.nice > 0 and supported()
     self.reniced: list[int] = []
-    self._found = threading.Event()
+    self._settled = threading.Event()  # the worker is found, or there is none to find
     self._stop = threading.Event()
     self._thread = None
 
   def __enter__(self):
     if not self.active:
-      self._found.set()
+      self._settled.set()
       return self
     compiles_in_calling_thread()
     before = run_times()
@@ -242,21 +242,22 @@ class yielding_compile:  # pylint: disable=invalid-name  (used as a context mana
     return False
 
   def wait(self, future=None, timeout: Optional[float] = None) -> bool:
-    """Blocks until the worker is found, ``future`` is done, or ``timeout`` seconds passed;
-    returns whether it was found."""
+    """Blocks until the worker is found (or known not to show), ``future`` is done, or
+    ``timeout`` seconds passed; returns whether a worker was reniced."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while not self._found.wait(POLL_S):
+    while not self._settled.wait(POLL_S):
       if future is not None and future.done():
         break
       if deadline is not None and time.monotonic() > deadline:
         break
-    return self._found.is_set()
+    return bool(self.reniced)
 
   def _watch(self, before, start):
     spotter = WorkerSpotter(before, start)
     while not self._stop.wait(POLL_S):
       tid = spotter.update(run_times(), _python_threads() | _reniced)
       if spotter.gave_up:
+        self._settled.set()
         return
       if tid is None:
         continue
@@ -267,7 +268,7 @@ class yielding_compile:  # pylint: disable=invalid-name  (used as a context mana
       else:
         self.reniced.append(tid)
         _reniced.add(tid)
-      self._found.set()
+      self._settled.set()
       return
 
 
