@@ -167,3 +167,37 @@ def test_the_compile_work_runs_at_the_nice_value():
     assert r['caller_nice'] == 0 and r['caller_is_main'], r
   assert r['nice_now'] == [0], r
   assert r['max_error'] < 1e-5
+
+
+def test_compile_on_first_call_compiles_once_per_signature(monkeypatch):
+  """The wrapper computes what the jitted function computes, compiles once per argument
+  signature (shape, dtype) and leaves accelerators and nice 0 alone."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  jitted = jax.jit(lambda x, y: jnp.tanh(x) * y)
+  assert compile_priority.compile_on_first_call(jitted, 'gpu') is jitted
+  previous = compile_priority.set_worker_nice(0)
+  try:
+    assert compile_priority.compile_on_first_call(jitted, 'cpu') is jitted
+  finally:
+    compile_priority.set_worker_nice(previous)
+  if not compile_priority.supported():
+    pytest.skip('needs Linux per-thread scheduling')
+  calls = []
+  real_compile = compile_priority.compile
+  monkeypatch.setattr(compile_priority, 'compile',
+                      lambda lowered, platform: calls.append(platform) or real_compile(
+                          lowered, platform))
+  wrapped = compile_priority.compile_on_first_call(jitted, 'cpu')
+  assert isinstance(wrapped, compile_priority.CompileOnFirstCall)
+  x = np.linspace(-2, 2, 6, dtype=np.float32)
+  for y in (np.float32(2), np.float32(3)):
+    np.testing.assert_allclose(wrapped(x, y), np.tanh(x) * y, rtol=1e-6)
+  assert len(calls) == 1
+  np.testing.assert_allclose(wrapped(x[:4], np.float32(1)), np.tanh(x[:4]), rtol=1e-6)
+  np.testing.assert_allclose(wrapped(x.astype(np.float16), np.float16(1)),
+                             np.tanh(x).astype(np.float16), rtol=2e-3)
+  assert calls == ['cpu'] * 3
+  assert wrapped.lower(x, np.float32(1)).compile()(x, np.float32(1)) is not None
+  assert len(calls) == 4  # lower(...).compile() goes through compile_priority.compile too

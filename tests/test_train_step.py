@@ -273,6 +273,27 @@ def test_build_sets_low_memory_from_the_config(task, config):
     compile_options.set_cpu_low_memory(previous)
 
 
+def test_build_sets_the_compile_worker_nice_from_the_config(task, config):
+  from nvae_jax import compile_priority
+  from nvae_jax.config import validation
+  from nvae_jax.train import build
+  previous = compile_priority.worker_nice()
+  try:
+    for nice in (0, 7, compile_priority.DEFAULT_NICE):
+      c = _config()
+      c.compile_worker_nice = nice
+      build.build(c, task)
+      assert compile_priority.worker_nice() == nice
+    for bad in (-1, 20):
+      c = _config()
+      c.compile_worker_nice = bad
+      with pytest.raises(validation.ConfigError, match='compile_worker_nice: expected an int in '
+                         '0..19'):
+        build.build(c, task)
+  finally:
+    compile_priority.set_worker_nice(previous)
+
+
 def test_cpu_opt_level_setting(monkeypatch):
   from nvae_jax import compile_options
   monkeypatch.delenv(compile_options.ENV, raising=False)
