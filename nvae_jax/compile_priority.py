@@ -124,10 +124,12 @@ def compiles_in_calling_thread() -> bool:
   box = {}
 
   def run():
-    before, mine = run_times(), _own_run_time()
+    tid = threading.get_native_id()
+    before = run_times()
     lowered.compile()
-    box['own'] = _own_run_time() - mine
-    box['all'] = sum(run_times().values()) - sum(before.values())
+    after = run_times()
+    box['own'] = after[tid] - before[tid]
+    box['all'] = sum(after.values()) - sum(before.values())
 
   thread = threading.Thread(target=run, name='nvae_jax-compile-probe')
   thread.start()
@@ -136,13 +138,8 @@ def compiles_in_calling_thread() -> bool:
   return box['own'] > 0.2 * box['all']
 
 
-def _own_run_time() -> int:
-  with open(f'{_TASKS}/{threading.get_native_id()}/schedstat') as f:
-    return int(f.read().split()[0])
-
-
-def _renice_self(nice: int) -> None:
-  tid = threading.get_native_id()
+def _renice(tid: int, nice: int) -> None:
+  """Raises thread ``tid``'s nice value to ``nice`` (never lowers it)."""
   os.setpriority(os.PRIO_PROCESS, tid, max(nice, thread_nice(tid)))
 
 
@@ -216,7 +213,7 @@ class yielding_compile:  # pylint: disable=invalid-name  (used as a context mana
 
   def __init__(self, platform: str, nice: Optional[int] = None):
     self.nice = worker_nice() if nice is None else nice
-    self.active = platform == 'cpu' and self.nice > 0 and supported()
+    self.active = _active(platform, self.nice)
     self.reniced: list[int] = []
     self._settled = threading.Event()  # the worker is found, or there is none to find
     self._stop = threading.Event()
@@ -262,7 +259,7 @@ class yielding_compile:  # pylint: disable=invalid-name  (used as a context mana
       if tid is None:
         continue
       try:
-        os.setpriority(os.PRIO_PROCESS, tid, max(self.nice, thread_nice(tid)))
+        _renice(tid, self.nice)
       except OSError:  # it ended, or the system refused: leave it as it is
         pass
       else:
@@ -272,8 +269,11 @@ class yielding_compile:  # pylint: disable=invalid-name  (used as a context mana
       return
 
 
-def _active(platform: str) -> bool:
-  return platform == 'cpu' and worker_nice() > 0 and supported()
+def _active(platform: str, nice: Optional[int] = None) -> bool:
+  """Whether compiles for ``platform`` get a nice value (``nice``, default the process-wide
+  one)."""
+  nice = worker_nice() if nice is None else nice
+  return platform == 'cpu' and nice > 0 and supported()
 
 
 def start_compile(lowered, platform: str) -> concurrent.futures.Future:
@@ -313,7 +313,7 @@ def _run_in_thread(fn, future: concurrent.futures.Future, nice: int) -> None:
   def run():
     try:
       if nice:
-        _renice_self(nice)
+        _renice(threading.get_native_id(), nice)
       future.set_result(fn())
     except BaseException as e:  # pylint: disable=broad-except  (handed to the caller)
       future.set_exception(e)
@@ -331,7 +331,8 @@ class CompileOnFirstCall:
   """``jitted`` with each of its compiles through :func:`compile`.
 
   A call with arguments of a new signature (tree structure, shapes, dtypes) lowers the program,
-  compiles it with :func:`compile` and keeps the compiled program for later calls of that signature.
+  compiles it with :func:`compile` and keeps the compiled program for later calls of that
+  signature.
   ``lower(*args).compile()`` is :func:`compile` too.  (A plain first call of a jitted
   function compiles inside the call, where the watch would also see the threads that run the
   program.)
