@@ -89,6 +89,21 @@ def test_resume_equals_uninterrupted(runs):
   assert train_a[-1]['lr'] == pytest.approx(float(optim.make_schedule(_config().optim, 6)(5)))
 
 
+def test_first_record_has_no_rate_and_every_value_is_a_finite_number(tmp_path):
+  """The first step compiles and is left out of ``steps_per_sec``, so the record of that step
+  alone has no rate (it held the string "nan" before, and TensorBoard warned about it)."""
+  config = _config(num_steps=3, log_every=1, checkpoint_every=3)
+  loop.train_and_evaluate(config, str(tmp_path), task=TinyVAETask(config))
+  train = [r for r in _train_lines(str(tmp_path)) if r['split'] == 'train']
+  assert [r['step'] for r in train] == [1, 2, 3]
+  assert 'steps_per_sec' not in train[0]
+  assert all(r['steps_per_sec'] > 0 for r in train[1:])
+  for r in train:
+    for k, v in r.items():
+      if k != 'split':
+        assert isinstance(v, (int, float)) and np.isfinite(v), (r['step'], k, v)
+
+
 def test_async_checkpoint_is_not_corrupted_by_donation(runs):
   """A saved step 3 asynchronously and then donated the state to step 4; B stopped at 3."""
   a, b, _, _ = runs

@@ -5,7 +5,9 @@ What ends up in ``workdir`` (written by process 0, checkpoints by all processes 
 * ``checkpoints/<step>/``: train state + data pipeline position + config (resumed automatically);
 * ``metrics.jsonl``: one JSON object per line: ``{"step", "split": "train", <metric>: mean over
   the steps since the last line, "lr"/"num_skipped"/"consecutive_skips": latest value,
-  "skipped": count in the interval, "steps_per_sec", ...}`` every ``train.log_every`` steps, and
+  "skipped": count in the interval, "steps_per_sec", ...}`` every ``train.log_every`` steps
+  (``steps_per_sec`` leaves out the compiling first step, so a record of that step alone has
+  none), and
   ``{"step", "split": "eval", "nats_per_image", "bits_per_dim", ...}`` every
   ``train.eval_every`` steps and at the end;
 * ``tb/``: the same scalars as TensorBoard events (tensorboardX);
@@ -373,9 +375,10 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
         optim.check_skips(int(values['consecutive_skips']), int(values['num_skipped']),
                           c.optim.max_consecutive_skips, done)
       elapsed = max(time.time() - t_last - overhead, 1e-9)
-      values['steps_per_sec'] = steps_since / elapsed if steps_since > 0 else float('nan')
+      if steps_since > 0:  # none yet when only the first (compiling) step is in the interval
+        values['steps_per_sec'] = steps_since / elapsed
       writer.write(done, 'train', values)
-      writer.print(_progress_line(done, total, values['steps_per_sec'], values))
+      writer.print(_progress_line(done, total, values.get('steps_per_sec', float('nan')), values))
       result['train'] = values
       history, t_last, steps_since, overhead = [], time.time(), 0, 0.0
 
