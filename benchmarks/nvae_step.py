@@ -17,6 +17,8 @@ quantised images as input.
   only in the model's first step; not a steady-state figure);
 * ``step_ms``: median / min over ``--steps`` further calls, each waited for with
   ``block_until_ready``;
+* ``program_temp_mb``: XLA's temporary memory of each compiled program (``memory_analysis()``),
+  the memory a remat policy (``--set remat.policy=nothing_saveable``) governs;
 * ``compile_cpu_s``, ``step_cpu_ms_median``: the same in process CPU time (all threads), and
   ``loadavg_1min`` before / after: on a shared CPU machine wall times depend on the other load,
   CPU times much less.
@@ -266,10 +268,30 @@ def main(argv=None) -> dict:
                                               round(os.getloadavg()[0], 2)],
       images_per_s=round(config.data.batch_size / statistics.median(times), 2),
       loss_finite=bool(np.isfinite(loss)), loss=round(loss, 4),
+      program_temp_mb=program_temp_mb(compiled),
       peak_rss_mb=rss_mb('VmHWM'), peak_rss_after_compile_mb=rss_after_compile,
       rss_end_mb=rss_mb('VmRSS'), script_s=round(start_to_step_s, 1), **memory_stats(),
       command=command_line(__file__, argv))
   print(json.dumps(out), flush=True)
+  return out
+
+
+def program_temp_mb(compiled) -> dict | None:
+  """XLA's temporary memory of each compiled program in MB (``memory_analysis()``): what a
+  remat policy governs, and on accelerators the part of device memory beyond the state."""
+  if hasattr(compiled, 'gradients'):  # the two-program update
+    programs = {'gradients': compiled.gradients, 'optimizer': compiled.apply}
+  else:
+    programs = {'update': compiled}
+  out = {}
+  for name, program in programs.items():
+    try:
+      analysis = program.memory_analysis()
+    except Exception:  # pylint: disable=broad-except  # a backend without the analysis
+      return None
+    if analysis is None:
+      return None
+    out[name] = round(analysis.temp_size_in_bytes / 2**20, 1)
   return out
 
 
