@@ -77,8 +77,9 @@ def test_remat_gives_the_gradients_of_the_plain_network(compiled, name):
 
 
 @pytest.mark.skipif(JAX_VERSION < (0, 11), reason=(
-    "jax 0.10's XLA:CPU schedules every cell's recomputation early in the backward pass, so remat "
-    'saves no memory there (README, NVAE speed and memory); the test runs on jax >= 0.11'))
+    "jax 0.10's XLA:CPU schedules the cells' recomputations early in the backward pass, so remat "
+    'saves next to no memory there (README, NVAE speed and memory, item 12); the test runs on jax '
+    '>= 0.11'))
 def test_remat_outside_a_scan_lowers_the_temporary_memory(compiled):
   """With ``prevent_cse=False`` XLA merged the recomputation back into the forward pass and the
   temporary memory stayed at 96-100 % of the plain network's (measured: 1280 and 1328 KB against
