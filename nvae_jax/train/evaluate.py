@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvae_jax import compile_options, compile_priority
 from nvae_jax import progress as progress_lib
 from nvae_jax.distributions import units
 from nvae_jax.train import step as step_lib
@@ -63,10 +62,9 @@ def make_eval_step(task, mesh, variables_sharding) -> Callable:
     return sums, jnp.sum(mask)
 
   repl = step_lib.replicated(mesh)
-  return compile_priority.compile_on_first_call(
-      jax.jit(eval_sums, in_shardings=(variables_sharding, step_lib.batch_sharding(mesh), repl),
-              out_shardings=(repl, repl), compiler_options=compile_options.for_mesh(mesh)),
-      step_lib.platform_of(mesh))
+  return step_lib.jit_on_mesh(
+      eval_sums, mesh, in_shardings=(variables_sharding, step_lib.batch_sharding(mesh), repl),
+      out_shardings=(repl, repl))
 
 
 def evaluate_split(eval_step: Callable, variables, batches: Iterator[dict[str, np.ndarray]],

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from nvae_jax import compile_options, compile_priority, errors, host_memory
+from nvae_jax import errors, host_memory
 from nvae_jax import progress as progress_lib
 from nvae_jax.train import evaluate as eval_lib
 from nvae_jax.train import preemption
@@ -274,13 +274,11 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
   sampler = sample_lib.make_sampler(run.task, run.mesh, var_sharding, c.train.num_images,
                                     c.sample.temperature)
   # Returns the (all-gathered) originals too: in multi-process runs no host holds the batch.
-  reconstructor = compile_priority.compile_on_first_call(
-      jax.jit(lambda v, b, r: (b['image'], run.task.reconstruct(v, b, r)),
-              in_shardings=(var_sharding, step_lib.batch_sharding(run.mesh),
-                            step_lib.replicated(run.mesh)),
-              out_shardings=step_lib.replicated(run.mesh),
-              compiler_options=compile_options.for_mesh(run.mesh)),
-      step_lib.platform_of(run.mesh))
+  reconstructor = step_lib.jit_on_mesh(
+      lambda v, b, r: (b['image'], run.task.reconstruct(v, b, r)), run.mesh,
+      in_shardings=(var_sharding, step_lib.batch_sharding(run.mesh),
+                    step_lib.replicated(run.mesh)),
+      out_shardings=step_lib.replicated(run.mesh))
   likelihood = eval_lib.likelihood_info(run.task, image_shape)  # continuous, num_dims
   continuous = likelihood['continuous']
   eval_key = state_lib.stream_key(c.seed, state_lib.EVAL_STREAM)

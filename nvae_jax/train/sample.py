@@ -16,7 +16,6 @@ import jax
 import numpy as np
 from PIL import Image
 
-from nvae_jax import compile_options, compile_priority
 from nvae_jax.train import step as step_lib
 
 
@@ -80,19 +79,15 @@ def write_grid(path: str, images: np.ndarray, cols: int | None = None,
 def make_sampler(task, mesh, variables_sharding, num: int, temperature: float) -> Callable:
   """Jitted ``(variables, rng) -> [num, H, W, C]`` samples (replicated on the mesh)."""
   repl = step_lib.replicated(mesh)
-  return compile_priority.compile_on_first_call(
-      jax.jit(lambda v, r: task.sample(v, r, int(num), float(temperature)),
-              in_shardings=(variables_sharding, repl), out_shardings=repl,
-              compiler_options=compile_options.for_mesh(mesh)), step_lib.platform_of(mesh))
+  return step_lib.jit_on_mesh(lambda v, r: task.sample(v, r, int(num), float(temperature)),
+                              mesh, in_shardings=(variables_sharding, repl), out_shardings=repl)
 
 
 def make_reconstructor(task, mesh, variables_sharding) -> Callable:
   """Jitted ``(variables, batch, rng) -> reconstructions`` (batch replicated, output replicated)."""
   repl = step_lib.replicated(mesh)
-  return compile_priority.compile_on_first_call(
-      jax.jit(task.reconstruct, in_shardings=(variables_sharding, repl, repl),
-              out_shardings=repl, compiler_options=compile_options.for_mesh(mesh)),
-      step_lib.platform_of(mesh))
+  return step_lib.jit_on_mesh(task.reconstruct, mesh,
+                              in_shardings=(variables_sharding, repl, repl), out_shardings=repl)
 
 
 def pair_rows(originals: np.ndarray, recons: np.ndarray, cols: int | None = None) -> np.ndarray:

@@ -105,6 +105,15 @@ def platform_of(mesh: Mesh) -> str:
   return mesh.devices.flat[0].platform
 
 
+def jit_on_mesh(fn, mesh: Mesh, program: str = 'model', **jit_kwargs):
+  """``jax.jit(fn, **jit_kwargs)`` with the compiler options of the mesh's platform
+  (:func:`nvae_jax.compile_options.for_mesh`), each compile through
+  :func:`nvae_jax.compile_priority.compile_on_first_call`."""
+  return compile_priority.compile_on_first_call(
+      jax.jit(fn, compiler_options=compile_options.for_mesh(mesh, program), **jit_kwargs),
+      platform_of(mesh))
+
+
 def resolve_update_programs(setting: str = 'auto', platform: str | None = None) -> str:
   """``'one'`` or ``'two'`` for a ``train.update_programs`` value (``'auto'``: two on CPU)."""
   if setting not in schema.UPDATE_PROGRAMS:
@@ -221,17 +230,15 @@ def make_train_step(task, tx: optax.GradientTransformation,
   platform = platform_of(mesh)
   programs = resolve_update_programs(programs, platform)
   data, rep = batch_sharding(mesh), replicated(mesh)
-  options = compile_options.for_mesh(mesh)
   if programs == 'one':
-    return compile_priority.compile_on_first_call(
-        jax.jit(update, in_shardings=(state_sharding, data), out_shardings=(state_sharding, rep),
-                donate_argnums=(0,), compiler_options=options), platform)
+    return jit_on_mesh(update, mesh, in_shardings=(state_sharding, data),
+                       out_shardings=(state_sharding, rep), donate_argnums=(0,))
   params_sharding = state_sharding['params']
   model_state_sharding = state_sharding['model_state']
   return TwoProgramUpdate(
       jax.jit(gradients, in_shardings=(state_sharding, data),
               out_shardings=(params_sharding, rep, rep, model_state_sharding),
-              compiler_options=options),
+              compiler_options=compile_options.for_mesh(mesh)),
       jax.jit(apply, in_shardings=(state_sharding, params_sharding, rep, rep,
                                    model_state_sharding),
               out_shardings=(state_sharding, rep), donate_argnums=(0,),
