@@ -12,16 +12,18 @@ free, so emission keeps pace with lowering.  The compile does the same work in a
 time, the executable is the same, and the peak is 0.8-1.1 GB lower (README, *NVAE speed and
 memory*).
 
-Which thread is the worker.  XLA takes a worker from a pool of its own for each compile, so
-every compile is watched (:class:`yielding_compile`, :func:`compile_on_first_call`): the run time
-of every thread of the process (``/proc/self/task/<tid>/schedstat``) is read just before the
-compile call and every few milliseconds after it, and :class:`WorkerSpotter` names the thread
-that starts working first and outlasts the helpers that start with it (the HLO passes keep the
-worker busy for a second or more before code generation starts; Python threads are never
-candidates).  A thread inherits the nice value of the thread that creates it, and XLA makes its
-code-generation threads on the first compile that needs them, so a tiny program is compiled
-first (:func:`start_compiler_threads`).  A thread's nice value cannot be lowered again without
-privileges, and XLA keeps its compile workers for compiling.  The cost: while other processes
+Which thread is the worker.  With jax 0.11 XLA compiles in the calling thread, so the compile
+runs in a short-lived thread of ours that takes the nice value.  With jax 0.10 XLA takes a
+worker from a pool of its own for each compile, so every compile is watched
+(:class:`yielding_compile`): the run time of every thread of the process
+(``/proc/self/task/<tid>/schedstat``) is read just before the compile call and every few
+milliseconds after it, and :class:`WorkerSpotter` names the thread that starts working first and
+outlasts the helpers that start with it (the HLO passes keep the worker busy for a second or
+more before code generation starts; Python threads are never candidates).  A small probe
+compile tells the two apart (:func:`compiles_in_calling_thread`); it also makes XLA's
+code-generation threads before anything is reniced, since a thread inherits the nice value of
+the thread that creates it.  A thread's nice value cannot be lowered again without privileges,
+and XLA keeps its compile workers for compiling.  The cost: while other processes
 keep the cores busy, a reniced compile gets a smaller share of them.
 
 Nothing changes where ``/proc`` or ``os.setpriority`` is missing (not Linux), on accelerators,
