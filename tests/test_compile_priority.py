@@ -132,6 +132,7 @@ print(json.dumps(dict(
     worker_made_by_first_compile=worker in made_by_first_compile,
     worker_compile_ms=(after.get(worker, 0) - before.get(worker, 0)) / 1e6,
     worker_run_ms=(end.get(worker, 0) - start.get(worker, 0)) / 1e6,
+    all_run_ms=sum(ns - start.get(t, 0) for t, ns in end.items()) / 1e6,
     caller_nice=recorder.thread_nice, caller_is_main=recorder.is_main,
     caller_ran_ms=recorder.thread_ran_ms,
     nice_now=sorted({cp.thread_nice(t) for t in cp.run_times() if t != worker}),
@@ -144,7 +145,8 @@ def test_the_compile_work_runs_at_the_nice_value():
   """In a fresh process, a compile through ``compile_priority.compile``.  Where XLA compiles on
   a worker of its own (jax 0.10), one thread is given nice 10, and it is that worker: it
   existed before the first compile (XLA's code-generation threads are made by it), it is not a
-  Python thread, it worked during the compile, and it takes no part in running a program.
+  Python thread, it worked during the compile, and it takes no part in running a program (at
+  most 1 % of the run time of running one, where the threads that run it do nearly all).
   Where XLA compiles in the calling thread (jax 0.11), the compile ran, and worked, in a thread
   other than the main one at nice 10, and no thread is reniced.  Either way every thread left
   keeps nice 0, and the compiled program computes what it should."""
@@ -163,7 +165,10 @@ def test_the_compile_work_runs_at_the_nice_value():
     assert r['worker_nice'] == nice, r
     assert r['worker_existed_before'] and not r['worker_made_by_first_compile'], r
     assert r['worker_compile_ms'] >= run_ms, r
-    assert r['worker_run_ms'] == 0, r
+    # Not exactly zero: an idle pool thread can wake for a moment (0.03 ms seen once, against
+    # hundreds of ms of the program's own work); a thread that ran the program would have a
+    # large share of that work.
+    assert r['worker_run_ms'] <= 0.01 * r['all_run_ms'], r
     assert r['caller_nice'] == 0 and r['caller_is_main'], r
   assert r['nice_now'] == [0], r
   assert r['max_error'] < 1e-5
