@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nvae_jax import collector
+
 DEFAULT_NICE = 10
 MAX_NICE = 19
 RUN_TO_IDENTIFY_NS = 250_000_000  # 0.25 s of run time
@@ -300,15 +302,17 @@ def start_compile(lowered, platform: str) -> concurrent.futures.Future:
 def compile(lowered, platform: str):  # pylint: disable=redefined-builtin
   """``lowered.compile()`` with XLA:CPU's compile work at the process-wide nice value: in a
   thread of its own that takes the nice value and ends with the compile (XLA compiling in the
-  calling thread), or under :class:`yielding_compile` (XLA compiling on a worker)."""
-  if not _active(platform):
-    return lowered.compile()
-  if not compiles_in_calling_thread():
-    with yielding_compile(platform):
+  calling thread), or under :class:`yielding_compile` (XLA compiling on a worker).  Python's
+  garbage collector is paused meanwhile (:mod:`nvae_jax.collector`)."""
+  with collector.paused():
+    if not _active(platform):
       return lowered.compile()
-  future = concurrent.futures.Future()
-  _run_in_thread(lowered.compile, future, worker_nice())
-  return future.result()
+    if not compiles_in_calling_thread():
+      with yielding_compile(platform):
+        return lowered.compile()
+    future = concurrent.futures.Future()
+    _run_in_thread(lowered.compile, future, worker_nice())
+    return future.result()
 
 
 def _run_in_thread(fn, future: concurrent.futures.Future, nice: int) -> None:
@@ -348,11 +352,14 @@ class CompileOnFirstCall:
     key = _signature(args)
     compiled = self._compiled.get(key)
     if compiled is None:
-      compiled = self._compiled[key] = compile(self.jitted.lower(*args), self.platform)
+      with collector.paused():
+        lowered = self.jitted.lower(*args)
+      compiled = self._compiled[key] = compile(lowered, self.platform)
     return compiled(*args)
 
   def lower(self, *args):
-    return _WatchedLowered(self.jitted.lower(*args), self.platform)
+    with collector.paused():
+      return _WatchedLowered(self.jitted.lower(*args), self.platform)
 
 
 class _WatchedLowered:

@@ -23,7 +23,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Area (a top-level module or subpackage of nvae_jax) -> floor.
 FLOORS = {
     'errors': 0, 'policy': 0, 'progress': 0, 'compile_cache': 0, 'compile_options': 0,
-    'host_init': 0, 'host_memory': 0, 'compile_priority': 0,
+    'host_init': 0, 'host_memory': 0, 'collector': 0,
+    'compile_priority': 1,  # pauses the collector while it compiles
     'nn': 1, 'distributions': 1, 'flows': 1, 'data': 1,  # the building blocks
     'objectives': 2,
     'config': 3,

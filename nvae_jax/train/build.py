@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from nvae_jax import compile_cache, compile_options, compile_priority, errors
+from nvae_jax import collector, compile_cache, compile_options, compile_priority, errors
 from nvae_jax.config import validation as config_validation
 from nvae_jax.models import build_task
 from nvae_jax.train import checkpoint as ckpt_lib
@@ -99,7 +99,8 @@ def abstract_state(run: Run, spec) -> tuple[Any, Any]:
   """
   check_image_shape(run.task, run.config, spec['image'].shape[1:])
   init = functools.partial(state_lib.init_train_state, run.task, run.tx, run.config.seed)
-  shapes = jax.eval_shape(init, spec)
+  with collector.paused():
+    shapes = jax.eval_shape(init, spec)
   shardings = step_lib.state_shardings(shapes, run.mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, shardings)
@@ -114,7 +115,8 @@ def init_state(run: Run, global_batch, shardings):
   """
   if hasattr(run.task, 'init_host'):
     spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), global_batch)
-    state = state_lib.init_train_state_host(run.task, run.tx, run.config.seed, spec)
+    with collector.paused():  # it traces the model's init (nvae_jax.collector)
+      state = state_lib.init_train_state_host(run.task, run.tx, run.config.seed, spec)
     return jax.device_put(state, shardings)
   init = functools.partial(state_lib.init_train_state, run.task, run.tx, run.config.seed)
   return jax.jit(init, in_shardings=(step_lib.batch_sharding(run.mesh),),

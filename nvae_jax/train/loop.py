@@ -38,7 +38,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from nvae_jax import errors, host_memory
+from nvae_jax import collector, errors, host_memory
 from nvae_jax import progress as progress_lib
 from nvae_jax.train import evaluate as eval_lib
 from nvae_jax.train import preemption
@@ -82,12 +82,14 @@ class MetricWriter:
   def start_at(self, step: int) -> None:
     self._start_step = int(step)
 
-  def _open(self) -> None:
+  def _open_jsonl(self) -> None:
     os.makedirs(self.workdir, exist_ok=True)
     path = os.path.join(self.workdir, 'metrics.jsonl')
     if os.path.exists(path):
       _drop_records_after(path, self._start_step)
     self._jsonl = open(path, 'a', encoding='utf-8')
+
+  def _open_tensorboard(self) -> None:
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     self._tb = SummaryWriter(os.path.join(self.workdir, 'tb'), purge_step=self._start_step + 1)
 
@@ -95,11 +97,13 @@ class MetricWriter:
     if not self.enabled:
       return
     if self._jsonl is None:
-      self._open()
+      self._open_jsonl()
     record = {'step': int(step), 'split': split}
     record.update({k: _json_number(v) for k, v in values.items()})
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
+    if self._tb is None:  # after the JSON line: importing tensorboardX takes about a second
+      self._open_tensorboard()
     for k, v in values.items():
       if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
         self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
@@ -341,7 +345,8 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
   batch = global_first
   # Compile before the first step and return the compiler's freed heap to the system, so that the
   # step's buffers do not come on top of it (nvae_jax.host_memory).
-  train_step = train_step.lower(state, batch).compile()
+  with collector.paused():  # tracing and lowering run faster without it (nvae_jax.collector)
+    train_step = train_step.lower(state, batch).compile()
   host_memory.release_freed_heap()
   for step in range(start, total):
     if step > start:
@@ -375,8 +380,8 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
       elapsed = max(time.time() - t_last - overhead, 1e-9)
       if steps_since > 0:  # none yet when only the first (compiling) step is in the interval
         values['steps_per_sec'] = steps_since / elapsed
-      writer.write(done, 'train', values)
       writer.print(_progress_line(done, total, values.get('steps_per_sec', float('nan')), values))
+      writer.write(done, 'train', values)
       result['train'] = values
       history, t_last, steps_since, overhead = [], time.time(), 0, 0.0
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nvae_jax import compile_options, compile_priority
+from nvae_jax import collector, compile_options, compile_priority
 from nvae_jax.config import schema
 from nvae_jax.train import optim
 from nvae_jax.train.state import TrainState
@@ -146,9 +146,10 @@ class TwoProgramUpdate:
     return self.apply(state, *self.gradients(state, batch))
 
   def lower(self, state, batch):
-    gradients = self.gradients.lower(state, batch)
-    return _LoweredPair(gradients, self.apply.lower(state, *gradients.out_info),
-                        self.parallel_compile, self.platform)
+    with collector.paused():
+      gradients = self.gradients.lower(state, batch)
+      apply = self.apply.lower(state, *gradients.out_info)
+    return _LoweredPair(gradients, apply, self.parallel_compile, self.platform)
 
 
 class _LoweredPair:
