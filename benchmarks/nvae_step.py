@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -229,7 +230,10 @@ def main(argv=None) -> dict:
     pass
 
   t0 = time.perf_counter()
-  state = build.init_state(run, batch, shardings)
+  if 'shardings' in inspect.signature(build.init_state).parameters:  # older checkouts
+    state = build.init_state(run, batch, shardings)
+  else:
+    state, _ = build.init_state(run, batch)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   t0 = time.perf_counter()

@@ -462,3 +462,24 @@ def test_task_init_host_matches_the_init_tree():
     np.testing.assert_allclose(np.linalg.norm(u, axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(host['spectral']['v'][key], axis=-1), 1.0,
                                rtol=1e-5)
+
+
+def test_fresh_state_has_the_abstract_states_tree_shapes_and_shardings():
+  """``build.init_state`` traces the host init once and takes the shardings from the drawn
+  state; a checkpoint is restored into ``build.abstract_state`` (the jax init's shapes), so the
+  two must agree leaf by leaf."""
+  from nvae_jax.train import build  # pylint: disable=import-outside-toplevel
+  from nvae_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  config = _tiny_config()
+  config.data.batch_size = n = jax.device_count()
+  run = build.build(config)
+  batch = step_lib.put_batch({'image': np.zeros((n, 16, 16, 1), np.float32),
+                              'mask': np.ones((n,), np.float32)}, run.mesh)
+  abstract, abstract_shardings = build.abstract_state(run, build.batch_spec((16, 16, 1), n))
+  state, shardings = build.init_state(run, batch)
+  assert jax.tree.structure(state) == jax.tree.structure(abstract)
+  assert jax.tree.structure(shardings) == jax.tree.structure(abstract_shardings)
+  for a, s, sh, ash in zip(jax.tree.leaves(abstract), jax.tree.leaves(state),
+                           jax.tree.leaves(shardings), jax.tree.leaves(abstract_shardings)):
+    assert (a.shape, a.dtype) == (s.shape, s.dtype)
+    assert sh == ash and s.sharding == ash

@@ -107,20 +107,26 @@ def abstract_state(run: Run, spec) -> tuple[Any, Any]:
   return abstract, shardings
 
 
-def init_state(run: Run, global_batch, shardings):
-  """Initialises the train state on the mesh for batches shaped like ``global_batch``.
+def init_state(run: Run, global_batch) -> tuple[Any, Any]:
+  """``(train state on the mesh, its shardings)`` for a fresh run on batches like
+  ``global_batch``.
 
   Tasks with an ``init_host`` (NVAE) draw their variables in numpy, compiling nothing but the
-  optimizer's (tiny) initial state; others run their ``init`` under ``jax.jit``.
+  optimizer's (tiny) initial state, and trace the model's init once (the shardings come from
+  the drawn state's shapes); others run their ``init`` under ``jax.jit``, with the shardings of
+  :func:`abstract_state`.  Checks first that the model can take the images.
   """
-  if hasattr(run.task, 'init_host'):
-    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), global_batch)
-    with collector.paused():  # it traces the model's init (nvae_jax.collector)
-      state = state_lib.init_train_state_host(run.task, run.tx, run.config.seed, spec)
-    return jax.device_put(state, shardings)
-  init = functools.partial(state_lib.init_train_state, run.task, run.tx, run.config.seed)
-  return jax.jit(init, in_shardings=(step_lib.batch_sharding(run.mesh),),
-                 out_shardings=shardings)(global_batch)
+  spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), global_batch)
+  if not hasattr(run.task, 'init_host'):
+    _, shardings = abstract_state(run, spec)
+    init = functools.partial(state_lib.init_train_state, run.task, run.tx, run.config.seed)
+    return jax.jit(init, in_shardings=(step_lib.batch_sharding(run.mesh),),
+                   out_shardings=shardings)(global_batch), shardings
+  check_image_shape(run.task, run.config, spec['image'].shape[1:])
+  with collector.paused():  # it traces the model's init (nvae_jax.collector)
+    state = state_lib.init_train_state_host(run.task, run.tx, run.config.seed, spec)
+  shardings = step_lib.state_shardings(state, run.mesh)
+  return jax.device_put(state, shardings), shardings
 
 
 def variables_sharding(shardings):

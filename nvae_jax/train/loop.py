@@ -254,10 +254,10 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
   global_first = step_lib.put_batch(first, run.mesh)
   image_shape = tuple(first['image'].shape[1:])
 
-  abstract, shardings = build.abstract_state(run, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), global_first))
   restored_step = None
   if ckpt.latest_step() is not None:
+    abstract, shardings = build.abstract_state(run, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), global_first))
     restored_step, state, data_state, _ = ckpt.restore_latest(abstract)
     # The position is that of the global batch stream, the same on every host (process 0's).
     train_pipe.set_state(data_state)
@@ -266,8 +266,8 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
     writer.start_at(restored_step)
     writer.print(f'Resumed from {ckpt.directory}/{restored_step}.')
   else:
-    state = build.init_state(run, global_first, shardings)
-    n_params = state_lib.num_params(abstract['params'])
+    state, shardings = build.init_state(run, global_first)
+    n_params = state_lib.num_params(state['params'])
     writer.print(f'Initialised {c.model.name}: {n_params:,} parameters on '
                  f'{jax.device_count()} device(s), mesh {dict(run.mesh.shape)}.')
 
