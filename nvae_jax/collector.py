@@ -4,10 +4,10 @@ Tracing a model (``jax.jit(f).lower(...)``, ``jax.eval_shape``) creates hundreds
 of Python objects (tracers, jaxpr equations, MLIR operations) that live until the trace ends,
 and almost no reference cycles.  Every time enough objects have been allocated, the collector
 walks all of them, and its full passes also walk everything the imports created, to find next
-to nothing.  On mnist_tiny's cold start (jax 0.10.2, Python 3.11) it took 1.0 s of the 3.6 s
-spent tracing and lowering the gradient program and 0.6 s of the optimizer program's 1.5 s,
+to nothing.  On mnist_tiny's cold start (jax 0.10.2, Python 3.11) it took 1.0 s of the 4.9 s
+spent tracing and lowering the gradient program and 0.6 s of the optimizer program's 1.6 s,
 and the resident memory after lowering was the same with it off (README, *NVAE speed and
-memory*).  :func:`paused` turns it off for a block and restores the previous state; the
+memory*, item 13).  :func:`paused` turns it off for a block and restores the previous state; the
 objects that became garbage meanwhile are found by the next collection after it.
 """
 
