@@ -9,6 +9,18 @@ memory*), so on CPU the platform passes level 1.  Accelerators keep XLA's defaul
 
 ``NVAE_JAX_CPU_OPT_LEVEL`` (0-3) overrides the CPU level; ``default`` leaves XLA's own.
 
+Remat's optimisation barriers stay until the end on CPU.  ``jax.checkpoint`` (``prevent_cse``)
+passes a recomputation's inputs through an ``optimization_barrier``, so that XLA's common-
+subexpression elimination cannot merge the recomputation with the forward pass.  jax 0.10's
+XLA:CPU removes the barriers (its ``cse_barrier_expander`` pass) before layout assignment and
+runs CSE after it, which merges them after all: remat then saved no memory (mnist_tiny's
+gradient program: 356.5 MB of temporary memory under ``nothing_saveable``, 375.6 MB without
+remat).  jax 0.11's XLA:CPU removes them after scheduling.  The model's CPU programs therefore
+compile with that pass disabled (``xla_disable_hlo_passes``): XLA:CPU runs the barriers as
+no-ops, and the same program keeps 139.9 MB with either jax (README, *NVAE speed and memory*,
+item 14).  Programs without remat have no barriers and do not change.  Accelerators keep XLA's
+own pipeline.
+
 Low-memory compilation (``config.compile_low_memory``, :func:`set_cpu_low_memory`).  XLA:CPU's
 MLIR fusion emitters lower each distinct fused kernel with a compiler instance that owns its own
 MLIR context (every dialect loaded, about 2 MB with its pass pipelines).  The main compiler
@@ -52,6 +64,7 @@ def cpu_opt_level() -> Optional[int]:
 
 
 PROGRAMS = ('model', 'optimizer')
+KEEP_REMAT_BARRIERS = {'xla_disable_hlo_passes': 'cse_barrier_expander'}
 OLDER_EMITTERS = {'xla_cpu_use_fusion_emitters': False}
 _cpu_low_memory = False
 
@@ -99,6 +112,8 @@ def for_platform(platform: str, program: str = 'model') -> Optional[dict]:
   level = cpu_opt_level()
   if level is not None:
     options['xla_backend_optimization_level'] = level
+  if program == 'model':
+    options.update(KEEP_REMAT_BARRIERS)
   if _cpu_low_memory and program == 'model':
     if cpu_has_older_emitters():
       options.update(OLDER_EMITTERS)

@@ -159,9 +159,12 @@ def test_update_programs_setting():
 def test_step_programs_are_compiled_with_the_platform_options(task, config, monkeypatch,
                                                               programs_setting):
   """Every program of the update goes through ``compile_options.for_platform`` (checked by making
-  it return an option XLA rejects), and on CPU the default is LLVM level 1."""
+  it return an option XLA rejects), and on CPU the default is LLVM level 1, with remat's
+  barriers kept for the model's programs."""
   from nvae_jax import compile_options
-  assert compile_options.for_platform('cpu') == {'xla_backend_optimization_level': 1}
+  assert compile_options.for_platform('cpu') == {
+      'xla_backend_optimization_level': 1, **compile_options.KEEP_REMAT_BARRIERS}
+  assert compile_options.for_platform('cpu', 'optimizer') == {'xla_backend_optimization_level': 1}
   monkeypatch.setattr(compile_options, 'for_platform',
                       lambda platform, program='model': {'xla_no_such_option_for_this_test': True})
   mesh = step_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1)), jax.devices()[:1])
@@ -208,12 +211,13 @@ def test_low_memory_setting(low_memory, monkeypatch):
   monkeypatch.delenv(compile_options.ENV, raising=False)
   monkeypatch.setattr(compile_options, 'cpu_has_older_emitters', lambda: True)
   assert compile_options.cpu_low_memory()
+  keep = compile_options.KEEP_REMAT_BARRIERS
   assert compile_options.for_platform('cpu') == {'xla_backend_optimization_level': 1,
-                                                 'xla_cpu_use_fusion_emitters': False}
+                                                 'xla_cpu_use_fusion_emitters': False, **keep}
   assert compile_options.for_platform('cpu', 'optimizer') == {'xla_backend_optimization_level': 1}
   assert compile_options.for_platform('gpu') is None
   monkeypatch.setenv(compile_options.ENV, 'default')
-  assert compile_options.for_platform('cpu') == {'xla_cpu_use_fusion_emitters': False}
+  assert compile_options.for_platform('cpu') == {'xla_cpu_use_fusion_emitters': False, **keep}
   assert compile_options.for_platform('cpu', 'optimizer') is None
   with pytest.raises(ValueError, match='program'):
     compile_options.for_platform('cpu', 'decoder')
@@ -223,7 +227,7 @@ def test_low_memory_setting(low_memory, monkeypatch):
   monkeypatch.setattr(compile_options, 'cpu_has_older_emitters', lambda: False)
   compile_options._warn_no_older_emitters.cache_clear()  # pylint: disable=protected-access
   with pytest.warns(RuntimeWarning, match='no older CPU emitters'):
-    assert compile_options.for_platform('cpu') is None
+    assert compile_options.for_platform('cpu') == keep
 
 
 def test_older_emitters_probe_matches_this_xla():
@@ -301,9 +305,10 @@ def test_cpu_opt_level_setting(monkeypatch):
   assert compile_options.for_platform('gpu') is None
   assert compile_options.for_platform('tpu') is None
   monkeypatch.setenv(compile_options.ENV, '2')
-  assert compile_options.for_platform('cpu') == {'xla_backend_optimization_level': 2}
+  assert compile_options.for_platform('cpu', 'optimizer') == {'xla_backend_optimization_level': 2}
   monkeypatch.setenv(compile_options.ENV, 'default')
-  assert compile_options.for_platform('cpu') is None
+  assert compile_options.for_platform('cpu', 'optimizer') is None
+  assert compile_options.for_platform('cpu') == compile_options.KEEP_REMAT_BARRIERS
   monkeypatch.setenv(compile_options.ENV, 'fast')
   with pytest.raises(ValueError, match='NVAE_JAX_CPU_OPT_LEVEL'):
     compile_options.for_platform('cpu')
