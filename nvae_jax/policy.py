@@ -11,6 +11,8 @@ after all: with ``prevent_cse=False`` the mnist_tiny gradient program needed 355
 memory under ``nothing_saveable`` against 376 MB without remat; with ``prevent_cse=True``,
 141 MB (jax 0.11.2, XLA's ``memory_analysis()``; README, *NVAE speed and memory*).  Inside a scan
 the loop boundary already keeps them apart (``nvae_jax.nn.stacked`` passes ``False`` there).
+The prevention is an optimisation barrier that jax 0.10's XLA:CPU removes before its own CSE
+unless told not to; the platform's CPU options keep it (``nvae_jax.compile_options``).
 """
 
 from __future__ import annotations
