@@ -36,6 +36,7 @@ FLOORS = {
 # Package -> {module: floor} inside it ('' is the package's __init__).
 INNER_FLOORS = {
     'nvae_jax.train': {'optim': 0, 'migrations': 0, 'testing': 0, 'preemption': 0, 'workdir': 0,
+                       'event_file': 0,
                        'state': 1, 'checkpoint': 1,
                        'step': 2, 'build': 3, 'evaluate': 4, 'sample': 4, 'loop': 5, '': 6},
     'nvae_jax.models': {'base': 0, 'conv_vae': 1, 'glow': 1, 'nvae': 1, '': 2},

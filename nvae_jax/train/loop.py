@@ -10,7 +10,7 @@ What ends up in ``workdir`` (written by process 0, checkpoints by all processes 
   none), and
   ``{"step", "split": "eval", "nats_per_image", "bits_per_dim", ...}`` every
   ``train.eval_every`` steps and at the end;
-* ``tb/``: the same scalars as TensorBoard events (tensorboardX);
+* ``tb/``: the same scalars as TensorBoard events (``nvae_jax.train.event_file``);
 * ``samples_step<N>.png``/``recon_step<N>.png`` every ``train.images_every`` steps and at the end,
   and ``samples.png``/``recon.png`` (the latest); a recon grid alternates rows of eval images and
   their reconstructions.
@@ -41,6 +41,7 @@ import numpy as np
 from nvae_jax import collector, errors, host_memory
 from nvae_jax import progress as progress_lib
 from nvae_jax.train import evaluate as eval_lib
+from nvae_jax.train import event_file
 from nvae_jax.train import preemption
 from nvae_jax.train import workdir as workdir_lib
 from nvae_jax.train import sample as sample_lib
@@ -90,8 +91,8 @@ class MetricWriter:
     self._jsonl = open(path, 'a', encoding='utf-8')
 
   def _open_tensorboard(self) -> None:
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    self._tb = SummaryWriter(os.path.join(self.workdir, 'tb'), purge_step=self._start_step + 1)
+    self._tb = event_file.ScalarEventWriter(os.path.join(self.workdir, 'tb'),
+                                            purge_step=self._start_step + 1)
 
   def write(self, step: int, split: str, values: dict[str, Any]) -> None:
     if not self.enabled:
@@ -102,12 +103,11 @@ class MetricWriter:
     record.update({k: _json_number(v) for k, v in values.items()})
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
-    if self._tb is None:  # after the JSON line: importing tensorboardX takes about a second
+    if self._tb is None:
       self._open_tensorboard()
-    for k, v in values.items():
-      if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
-        self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
-    self._tb.flush()
+    self._tb.write_scalars(int(step), {
+        f'{split}/{k}': float(v) for k, v in values.items()
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)})
 
   def print(self, line: str) -> None:
     if self.enabled:
