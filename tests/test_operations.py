@@ -382,13 +382,16 @@ def test_sigint_in_process_stops_after_the_step_and_resumes(long_reference, tmp_
     return Interrupting(pipe) if train else pipe
 
   workdir = str(tmp_path)
+  # What the run must put back: Python's KeyboardInterrupt handler, or SIG_IGN when this process
+  # was started with SIGINT ignored (a background job of a non-interactive shell).
+  before = signal.getsignal(signal.SIGINT)
   result = loop.train_and_evaluate(_tiny_config('long'), workdir,
                                    pipeline_fn=interrupting_pipeline)
   assert result['preempted'] == 'SIGINT' and result['step'] == 8
   ckpt = ckpt_lib.Checkpointer(build.checkpoint_dir(workdir))
   assert ckpt.latest_step() == result['step']
   ckpt.close()
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+  assert signal.getsignal(signal.SIGINT) is before  # handlers put back
   final = loop.train_and_evaluate(_tiny_config('long'), workdir)
   assert final['step'] == LONG_STEPS and 'preempted' not in final
   _assert_same_run(long_reference, workdir)
