@@ -2,7 +2,7 @@ r"""Quickstart: a calibrated-decoder (sigma-VAE) conv VAE on scikit-learn's 8x8 
 
 The default config of ``nvae-jax`` (it ships with the package, so the command works outside a
 checkout; ``configs/quickstart.py`` is the same config): it needs no download (the digits ship inside scikit-learn) and
-trains in a couple of minutes on 2 CPU cores, leaving a checkpoint, ``metrics.jsonl``, TensorBoard
+trains in under 30 seconds on 2 CPU cores, leaving a checkpoint, ``metrics.jsonl``, TensorBoard
 events, ``samples.png`` and ``recon.png`` in the workdir.
 
   nvae-jax --workdir=/tmp/quickstart                  # the default --config
