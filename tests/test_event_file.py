@@ -25,11 +25,14 @@ def test_crc32c_matches_the_published_vectors(data, crc):
   assert event_file.crc32c(data) == crc
 
 
+def _tensorboard(module: str):
+  """A module of TensorBoard's event processing (the test is skipped without tensorboard)."""
+  return pytest.importorskip(f'tensorboard.backend.event_processing.{module}')
+
+
 def _records(path):
   """The records of an event file, through TensorBoard's reader (it checks the CRCs)."""
-  pytest.importorskip('tensorboard')
-  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=import-outside-toplevel
-  return list(event_file_loader.LegacyEventFileLoader(path).Load())
+  return list(_tensorboard('event_file_loader').LegacyEventFileLoader(path).Load())
 
 
 def test_tensorboard_reads_versions_scalars_and_session_start(tmp_path):
@@ -60,8 +63,7 @@ def test_tensorboard_reads_versions_scalars_and_session_start(tmp_path):
 def test_a_resumed_run_replaces_the_steps_it_writes_again(tmp_path):
   """Run 1 logs steps 1-5 and stops; run 2 resumes from the checkpoint of step 3 (purge step 4)
   and logs 4-6: TensorBoard shows 1-3 from run 1 and 4-6 from run 2, each step once."""
-  pytest.importorskip('tensorboard')
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  event_accumulator = _tensorboard('event_accumulator')
   from nvae_jax.train import loop  # pylint: disable=import-outside-toplevel
   first = loop.MetricWriter(str(tmp_path))
   for step in range(1, 6):

@@ -109,7 +109,8 @@ def version_event(wall_time: float, step: int = 0) -> bytes:
 
 
 def session_start_event(step: int, wall_time: float) -> bytes:
-  return _event(step, wall_time, _length_delimited(7, _varint(1 << 3 | 0) + _varint(_SESSION_START)))
+  status = _varint(1 << 3 | 0) + _varint(_SESSION_START)
+  return _event(step, wall_time, _length_delimited(7, status))
 
 
 class ScalarEventWriter:
