@@ -19,7 +19,7 @@ A file opens with the version event (``file_version = "brain.Event:2"``). With `
 then writes a START session log at that step, and TensorBoard drops the events of the directory's
 earlier files at steps >= ``purge_step``: the steps a resumed run writes again.
 
-Why not tensorboardX: importing it imports torch whenever torch is installed (1.0-1.2 s and about
+Why not tensorboardX: importing it imports torch whenever torch is installed (1.0-1.4 s and about
 0.2 GB of resident memory in the training process), for nothing but scalars.
 """
 
