@@ -79,6 +79,11 @@ def batch_spec(image_shape, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
           'mask': jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
 
 
+def spec_of(batch) -> dict[str, jax.ShapeDtypeStruct]:
+  """The abstract twin of a (placed) batch: each array's shape and dtype."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+
+
 def check_image_shape(task, config, image_shape) -> None:
   """Raises :class:`~nvae_jax.errors.ConfigError` if the model cannot take ``image_shape``
   (the task's ``image_size_multiple``: its height and width must be multiples of ``m``)."""
@@ -116,7 +121,7 @@ def init_state(run: Run, global_batch) -> tuple[Any, Any]:
   the drawn state's shapes); others run their ``init`` under ``jax.jit``, with the shardings of
   :func:`abstract_state`.  Checks first that the model can take the images.
   """
-  spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), global_batch)
+  spec = spec_of(global_batch)
   if not hasattr(run.task, 'init_host'):
     _, shardings = abstract_state(run, spec)
     init = functools.partial(state_lib.init_train_state, run.task, run.tx, run.config.seed)

@@ -256,8 +256,7 @@ def _train(run: build.Run, workdir: str, writer: MetricWriter, ckpt, pipeline_fn
 
   restored_step = None
   if ckpt.latest_step() is not None:
-    abstract, shardings = build.abstract_state(run, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), global_first))
+    abstract, shardings = build.abstract_state(run, build.spec_of(global_first))
     restored_step, state, data_state, _ = ckpt.restore_latest(abstract)
     # The position is that of the global batch stream, the same on every host (process 0's).
     train_pipe.set_state(data_state)
