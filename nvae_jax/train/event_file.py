@@ -104,8 +104,8 @@ def scalars_event(step: int, scalars: Mapping[str, float], wall_time: float) -> 
   return _event(step, wall_time, _length_delimited(5, values))
 
 
-def version_event(wall_time: float, step: int = 0) -> bytes:
-  return _event(step, wall_time, _length_delimited(3, FILE_VERSION.encode('ascii')))
+def version_event(wall_time: float) -> bytes:
+  return _event(0, wall_time, _length_delimited(3, FILE_VERSION.encode('ascii')))
 
 
 def session_start_event(step: int, wall_time: float) -> bytes:
